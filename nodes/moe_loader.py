@@ -1,0 +1,88 @@
+"""Node: X2Edit MoE-LoRA Loader."""
+
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..x2edit_core.formats import load_adapters
+from .patching import ROUTING_MODES, ROUTING_NATIVE, apply_adapters
+
+_cache: dict = {}  # (path, mtime, size) -> LoadedAdapters; one entry, like core LoraLoader's cache
+
+
+def _load_cached(path: str):
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _cache:
+        _cache.clear()
+        _cache[key] = load_adapters(path)
+    return _cache[key]
+
+
+class X2EditMoELoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="X2EditMoELoRALoader",
+            display_name="X2Edit MoE-LoRA Loader",
+            category="x2edit/loaders",
+            description=(
+                "Loads a mixture-of-experts LoRA exactly onto a FLUX model (dev, Fill or Kontext): ICEdit's "
+                "MoE-LoRA, an X2Edit checkpoint folder (pick its lora.safetensors), an x2edit-trained file, "
+                "or a plain LoRA. Stacks with core LoRA loaders before or after it."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX diffusion model to patch."),
+                io.Combo.Input(
+                    "lora_name",
+                    options=folder_paths.get_filename_list("loras"),
+                    tooltip="File in ComfyUI's loras folder. For an X2Edit checkpoint, put its folder in loras "
+                    "and pick the lora.safetensors inside (task_embeddings.bin is read from beside it).",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Multiplies every expert and plain LoRA part. 0 gives the unpatched model.",
+                ),
+                io.Combo.Input(
+                    "routing",
+                    options=list(ROUTING_MODES),
+                    default=ROUTING_NATIVE,
+                    tooltip="native: the trained routers pick experts per token (and per task). The other modes "
+                    "fix the expert weights for every token, which merges into the weights (no extra cost): "
+                    "the mean of all experts, one expert, or a custom mix.",
+                ),
+                io.Int.Input(
+                    "expert_index",
+                    default=0,
+                    min=0,
+                    max=255,
+                    tooltip="Expert used by routing 'single expert' (0-based).",
+                ),
+                io.String.Input(
+                    "expert_weights",
+                    default="",
+                    tooltip="Comma-separated weight per expert for routing 'custom mix', e.g. 0.5, 0.5, 0, 0.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(tooltip="The patched model."),
+                io.String.Output("report", tooltip="What was loaded: format, experts, layers, ignored keys."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength, routing, expert_index, expert_weights) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        loaded = _load_cached(path)
+        patched, report = apply_adapters(model, loaded, strength, routing, expert_index, expert_weights)
+        return io.NodeOutput(patched, report)
+
+
+NODES = [X2EditMoELoRALoader]

@@ -1,0 +1,327 @@
+"""MoE-LoRA layer maths: experts, routers, merging.
+
+One implementation shared by the ComfyUI nodes (inference) and the training package:
+
+    delta(x) = strength * scale * sum_{j in chosen(x)} w_j(x) * B_j(A_j(x))   (+ shared expert B_s A_s x)
+
+with scale = alpha / rank. Three router kinds:
+
+- ``token`` (ICEdit): logits = route(x) on the layer input; keep the top-k logits; softmax over the
+  kept ones (so with k = 1 the chosen expert has weight 1.0).
+- ``task`` (X2Edit): logits = gate(concat(x, task_embedding)); softmax over all experts; keep the top-k
+  weights *without* renormalising; an always-on shared expert is added with weight 1.
+- ``forced``: fixed weights per expert, constant over tokens, so the whole adapter is a plain LoRA of
+  rank E*r and can be merged into the base weight (see :meth:`MoELoRA.merged_lora`).
+
+Routed experts are evaluated sparsely (each expert only on the tokens sent to it), which keeps the
+cost close to that of a single LoRA of rank k*r.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+ROUTER_TOKEN = "token"
+ROUTER_TASK = "task"
+ROUTER_FORCED = "forced"
+ROUTER_KINDS = (ROUTER_TOKEN, ROUTER_TASK, ROUTER_FORCED)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and routing of one MoE-LoRA adapter."""
+
+    num_experts: int
+    rank: int
+    alpha: float
+    router: str = ROUTER_TOKEN
+    top_k: int = 1
+    shared_expert: bool = False
+    task_dim: int = 0  # width of the task embedding concatenated to the gate input (router "task")
+
+    def __post_init__(self):
+        if self.router not in ROUTER_KINDS:
+            raise ConfigError(f"unknown router kind {self.router!r}; expected one of {ROUTER_KINDS}")
+        if self.num_experts < 1 or self.rank < 1:
+            raise ConfigError(f"num_experts and rank must be >= 1 (got {self.num_experts}, {self.rank})")
+        if self.router != ROUTER_FORCED and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k must be in 1..num_experts={self.num_experts} (got {self.top_k})")
+        if self.router == ROUTER_TASK and self.task_dim < 1:
+            raise ConfigError("a task-aware router needs task_dim >= 1 (the task embedding width)")
+        if self.router != ROUTER_TASK and self.task_dim:
+            raise ConfigError(f"task_dim is only meaningful for router 'task' (router is {self.router!r})")
+        if not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be finite (got {self.alpha})")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MoEConfig:
+        known = {f: d[f] for f in cls.__dataclass_fields__ if f in d}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown MoE config fields {unknown}")
+        return cls(**known)
+
+
+def route_top_k(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token routing weights and expert indices, both [..., top_k].
+
+    renormalize=True: softmax over the kept logits (ICEdit). False: softmax over all experts, then keep
+    the top-k probabilities as they are (X2Edit).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in at least fp32
+    if renormalize:
+        kept, index = logits.topk(top_k, dim=-1)
+        return F.softmax(kept, dim=-1, dtype=dtype).to(logits.dtype), index
+    probs = F.softmax(logits, dim=-1, dtype=dtype).to(logits.dtype)
+    return probs.topk(top_k, dim=-1)
+
+
+class MoELoRA(nn.Module):
+    """A bank of LoRA experts with a router; ``forward(x)`` returns the delta to add to the layer output.
+
+    Parameters (shapes): ``lora_A`` [E, r, in], ``lora_B`` [E, out, r], ``router_weight`` [E, in + task_dim]
+    (absent for forced routing), ``shared_A`` [r, in] and ``shared_B`` [out, r] when there is a shared
+    expert.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        e, r = config.num_experts, config.rank
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(e, r, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.empty(e, out_features, r, **kw))
+        # The gate is a bare Parameter (not an nn.Linear) so this module is a leaf that owns all its
+        # weights: ComfyUI's ModelPatcher moves leaf modules between devices one by one.
+        self.router_weight = None
+        if config.router != ROUTER_FORCED:
+            self.router_weight = nn.Parameter(torch.empty(e, in_features + config.task_dim, **kw))
+        self.shared_A = self.shared_B = None
+        if config.shared_expert:
+            self.shared_A = nn.Parameter(torch.empty(r, in_features, **kw))
+            self.shared_B = nn.Parameter(torch.empty(out_features, r, **kw))
+        # Forced routing weights [E]: used when config.router == "forced", or to override a trained
+        # router at inference (set_forced_weights).
+        self.forced_weights: torch.Tensor | None = None
+        if config.router == ROUTER_FORCED:
+            self.forced_weights = torch.full((e,), 1.0 / e)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # X2Edit's init: down ~ N(0, 1/rank), up = 0, so a new adapter starts as the identity.
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=1.0 / self.config.rank)
+            nn.init.zeros_(self.lora_B)
+            if self.shared_A is not None:
+                nn.init.normal_(self.shared_A, std=1.0 / self.config.rank)
+                nn.init.zeros_(self.shared_B)
+            if self.router_weight is not None:
+                nn.init.kaiming_uniform_(self.router_weight, a=math.sqrt(5))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        config: MoEConfig,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        router: torch.Tensor | None = None,
+        shared_A: torch.Tensor | None = None,
+        shared_B: torch.Tensor | None = None,
+    ) -> MoELoRA:
+        """Wrap existing tensors (no copy). Shapes are checked against ``config``."""
+        e, r = config.num_experts, config.rank
+        if lora_A.dim() != 3 or lora_B.dim() != 3 or lora_A.shape[:2] != (e, r) or lora_B.shape[0] != e:
+            raise ConfigError(
+                f"expert shapes A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)} do not fit "
+                f"{e} experts of rank {r}"
+            )
+        if lora_B.shape[2] != r:
+            raise ConfigError(f"expert B rank {lora_B.shape[2]} differs from A rank {r}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features, module.config = lora_A.shape[2], lora_B.shape[1], config
+        module.lora_A = nn.Parameter(lora_A, requires_grad=False)
+        module.lora_B = nn.Parameter(lora_B, requires_grad=False)
+        module.router_weight = None
+        if config.router != ROUTER_FORCED:
+            want = (e, module.in_features + config.task_dim)
+            if router is None or tuple(router.shape) != want:
+                got = None if router is None else tuple(router.shape)
+                raise ConfigError(f"router weight shape {got} does not fit {want}")
+            module.router_weight = nn.Parameter(router, requires_grad=False)
+        module.shared_A = module.shared_B = None
+        if config.shared_expert:
+            if shared_A is None or shared_B is None:
+                raise ConfigError("config has a shared expert but no shared_A/shared_B tensors were given")
+            if tuple(shared_A.shape) != (r, module.in_features) or tuple(shared_B.shape) != (
+                module.out_features,
+                r,
+            ):
+                raise ConfigError(
+                    f"shared expert shapes A {tuple(shared_A.shape)}, B {tuple(shared_B.shape)} do not fit "
+                    f"rank {r}, in {module.in_features}, out {module.out_features}"
+                )
+            module.shared_A = nn.Parameter(shared_A, requires_grad=False)
+            module.shared_B = nn.Parameter(shared_B, requires_grad=False)
+        module.forced_weights = None
+        if config.router == ROUTER_FORCED:
+            module.forced_weights = torch.full((e,), 1.0 / e)
+        return module
+
+    # -- routing -------------------------------------------------------------------------------------
+
+    def set_forced_weights(self, weights: torch.Tensor | list[float] | None):
+        """Route every token with these fixed expert weights (None restores the trained router)."""
+        if weights is None:
+            if self.router_weight is None:
+                raise ConfigError("this adapter has no trained router; forced weights are required")
+            self.forced_weights = None
+            return
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if w.numel() != self.config.num_experts:
+            raise ConfigError(f"got {w.numel()} expert weights for {self.config.num_experts} experts")
+        self.forced_weights = w
+
+    def router_logits(self, x: torch.Tensor, task_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        """Gate logits [..., E]. For the task router, ``task_embedding`` is [D] or [B, D] (one per sample)."""
+        if self.config.router != ROUTER_TASK:
+            return F.linear(x, self.router_weight.to(x.device, x.dtype))
+        if task_embedding is None:
+            raise ConfigError("a task-aware MoE-LoRA needs a task embedding (choose a task)")
+        w = self.router_weight.to(x.device, x.dtype)
+        w_x, w_t = w[:, : self.in_features], w[:, self.in_features :]
+        # concat(x, t) @ W^T == x @ W_x^T + t @ W_t^T; the task half is one row per sample.
+        task_part = F.linear(task_embedding.to(x.device, x.dtype), w_t)
+        if task_part.dim() == 2 and x.dim() >= 3:
+            if task_part.shape[0] not in (1, x.shape[0]):
+                raise ConfigError(f"{task_part.shape[0]} task embeddings for a batch of {x.shape[0]}")
+            task_part = task_part.view(task_part.shape[0], *([1] * (x.dim() - 2)), -1)
+        return F.linear(x, w_x) + task_part
+
+    def route(self, x: torch.Tensor, task_embedding: torch.Tensor | None = None):
+        """(weights [..., k], expert index [..., k]) for each token of ``x``."""
+        logits = self.router_logits(x, task_embedding)
+        return route_top_k(logits, self.config.top_k, renormalize=self.config.router == ROUTER_TOKEN)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, task_embedding: torch.Tensor | None = None, strength: float = 1.0):
+        lead, n_in = x.shape[:-1], x.shape[-1]
+        if n_in != self.in_features:
+            raise ConfigError(f"input width {n_in} does not fit this adapter's {self.in_features}")
+        x2 = x.reshape(-1, n_in)
+        if self.forced_weights is not None:
+            out = self._forced(x2)
+        else:
+            weights, index = self.route(x, task_embedding)
+            out = self._dispatch(x2, weights.reshape(x2.shape[0], -1), index.reshape(x2.shape[0], -1))
+        if self.shared_A is not None:
+            sA, sB = self.shared_A.to(x.device, x.dtype), self.shared_B.to(x.device, x.dtype)
+            out = out + F.linear(F.linear(x2, sA), sB)
+        return (out * (self.config.scale * strength)).reshape(*lead, self.out_features)
+
+    def _dispatch(self, x2: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Sum of the chosen experts, each run only on its own tokens."""
+        n, k = index.shape
+        flat_expert = index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token = order // k
+        w = weights.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()
+        out = x2.new_zeros(n, self.out_features)
+        A, B = self.lora_A.to(x2.device, x2.dtype), self.lora_B.to(x2.device, x2.dtype)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            tok = token[start : start + c]
+            h = F.linear(F.linear(x2.index_select(0, tok), A[e]), B[e]) * w[start : start + c]
+            out.index_add_(0, tok, h)
+            start += c
+        return out
+
+    def _forced(self, x2: torch.Tensor) -> torch.Tensor:
+        down, up = self._merged_factors(include_shared=False)
+        return F.linear(F.linear(x2, down.to(x2.device, x2.dtype)), up.to(x2.device, x2.dtype))
+
+    def converted(self, dtype=None, device=None, forced_weights=None) -> MoELoRA:
+        """A new module with the same config and weights cast to ``dtype``/``device``; ``self`` is untouched
+        (loaded files are cached and shared, so per-use settings never mutate them)."""
+
+        def conv(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+        new = MoELoRA.from_tensors(
+            self.config,
+            conv(self.lora_A),
+            conv(self.lora_B),
+            router=conv(self.router_weight),
+            shared_A=conv(self.shared_A),
+            shared_B=conv(self.shared_B),
+        )
+        new.forced_weights = self.forced_weights
+        if forced_weights is not None:
+            new.set_forced_weights(forced_weights)
+        return new
+
+    # -- merging -------------------------------------------------------------------------------------
+
+    def _merged_factors(self, include_shared: bool):
+        w = self.forced_weights
+        if w is None:
+            raise ConfigError("merging needs forced (constant) routing weights")
+        keep = [e for e in range(self.config.num_experts) if float(w[e]) != 0.0]
+        downs = [self.lora_A[e] for e in keep]
+        ups = [self.lora_B[e] * w[e].to(self.lora_B.device, self.lora_B.dtype) for e in keep]
+        if include_shared and self.shared_A is not None:
+            downs.append(self.shared_A)
+            ups.append(self.shared_B)
+        if not downs:  # all weights zero: a rank-1 zero LoRA keeps the shapes valid
+            return self.lora_A.new_zeros(1, self.in_features), self.lora_B.new_zeros(self.out_features, 1)
+        return torch.cat(downs, 0), torch.cat(ups, 1)
+
+    @torch.no_grad()
+    def merged_lora(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The adapter under forced routing as one plain LoRA: (down [R, in], up [out, R], scale).
+
+        delta(x) = scale * up @ down @ x exactly, shared expert included. Experts with weight 0 are
+        dropped, so forcing one expert gives exactly that expert's A and B.
+        """
+        down, up = self._merged_factors(include_shared=True)
+        return down, up, self.config.scale
+
+    @torch.no_grad()
+    def merged_delta_weight(self) -> torch.Tensor:
+        """Dense [out, in] weight delta under forced routing (scale included)."""
+        down, up, scale = self.merged_lora()
+        dtype = torch.promote_types(up.dtype, torch.float32)  # at least fp32 for the product
+        return (up.to(dtype) @ down.to(dtype)) * scale
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in={self.in_features}, out={self.out_features}, experts={c.num_experts}, rank={c.rank}, "
+            f"alpha={c.alpha}, router={c.router}, top_k={c.top_k}, shared={c.shared_expert}"
+        )
+
+
+def expert_usage(index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Share of routed slots that went to each expert ([E], sums to 1); for logging and tests."""
+    counts = torch.bincount(index.reshape(-1), minlength=num_experts).float()
+    return counts / counts.sum().clamp_min(1)
