@@ -36,6 +36,9 @@ from ..x2edit_core.placement import APPLY_OUTPUT, comfy_target
 log = logging.getLogger("x2edit")
 
 TASK_OPTION = "x2edit_task"  # transformer_options key holding the task id for task-aware gates
+# transformer_options key: {num_experts: [weight per expert]} that overrides the routing of the dynamic
+# adapters with that many experts for this call (a task router mapping tasks to experts sets it)
+FORCED_OPTION = "x2edit_forced_experts"
 ROUTING_NATIVE = "native"
 ROUTING_MEAN = "mean of experts"
 ROUTING_SINGLE = "single expert"
@@ -179,7 +182,8 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
             if not 0 <= task_id < task_table.shape[0]:
                 raise ConfigError(f"task id {task_id} is out of range for {task_table.shape[0]} task embeddings")
             task = task_table[task_id]
-        token = _ACTIVE.set({**_ACTIVE.get(), key: task})
+        forced = opts.get(FORCED_OPTION) or None
+        token = _ACTIVE.set({**_ACTIVE.get(), key: (task, forced)})
         try:
             return executor(*args, **kwargs)
         finally:
@@ -191,16 +195,18 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
 def _make_forward(base_call, entries, key: str, strength: float):
     def forward(x, *args, **kwargs):
         out = base_call(x, *args, **kwargs)
-        task = _ACTIVE.get().get(key, _UNSET)
-        if task is _UNSET:  # not this patch set's call (e.g. a stale patch under another clone)
+        state = _ACTIVE.get().get(key, _UNSET)
+        if state is _UNSET:  # not this patch set's call (e.g. a stale patch under another clone)
             return out
+        task, forced = state
         for rows, apply, moe in entries:
+            w = None if forced is None else forced.get(moe.config.num_experts)
             if apply == APPLY_OUTPUT:
-                out = out + moe(out, task, strength)
+                out = out + moe(out, task, strength, w)
             elif rows is None:
-                out = out + moe(x, task, strength)
+                out = out + moe(x, task, strength, w)
             else:
-                out[..., rows] += moe(x, task, strength)
+                out[..., rows] += moe(x, task, strength, w)
         return out
 
     forward.x2edit_patch = True

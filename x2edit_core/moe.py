@@ -221,30 +221,42 @@ class MoELoRA(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, task_embedding: torch.Tensor | None = None, strength: float = 1.0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        task_embedding: torch.Tensor | None = None,
+        strength: float = 1.0,
+        forced_weights: torch.Tensor | None = None,
+    ):
+        """Delta for ``x`` [..., in]. ``forced_weights`` [E] overrides the routing for this call only."""
         lead, n_in = x.shape[:-1], x.shape[-1]
         if n_in != self.in_features:
             raise ConfigError(f"input width {n_in} does not fit this adapter's {self.in_features}")
         x2 = x.reshape(-1, n_in)
-        if self.forced_weights is not None:
-            out = self._forced(x2)
+        out = None
+        if self.shared_A is not None:  # the always-on expert; routed experts are added into its output
+            sA, sB = self.shared_A.to(x.device, x.dtype), self.shared_B.to(x.device, x.dtype)
+            out = F.linear(F.linear(x2, sA), sB)
+        if forced_weights is None:
+            forced_weights = self.forced_weights
+        if forced_weights is not None:
+            forced = self._forced(x2, forced_weights)
+            out = forced if out is None else out + forced
         else:
             weights, index = self.route(x, task_embedding)
-            out = self._dispatch(x2, weights.reshape(x2.shape[0], -1), index.reshape(x2.shape[0], -1))
-        if self.shared_A is not None:
-            sA, sB = self.shared_A.to(x.device, x.dtype), self.shared_B.to(x.device, x.dtype)
-            out = out + F.linear(F.linear(x2, sA), sB)
+            out = self._dispatch(x2, weights.reshape(x2.shape[0], -1), index.reshape(x2.shape[0], -1), out)
         return (out * (self.config.scale * strength)).reshape(*lead, self.out_features)
 
-    def _dispatch(self, x2: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Sum of the chosen experts, each run only on its own tokens."""
+    def _dispatch(self, x2, weights, index, out=None) -> torch.Tensor:
+        """Sum of the chosen experts, each run only on its own tokens (added into ``out`` if given)."""
         n, k = index.shape
         flat_expert = index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token = order // k
         w = weights.reshape(-1)[order].unsqueeze(-1)
         counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()
-        out = x2.new_zeros(n, self.out_features)
+        if out is None:
+            out = x2.new_zeros(n, self.out_features)
         A, B = self.lora_A.to(x2.device, x2.dtype), self.lora_B.to(x2.device, x2.dtype)
         start = 0
         for e, c in enumerate(counts):
@@ -256,8 +268,8 @@ class MoELoRA(nn.Module):
             start += c
         return out
 
-    def _forced(self, x2: torch.Tensor) -> torch.Tensor:
-        down, up = self._merged_factors(include_shared=False)
+    def _forced(self, x2: torch.Tensor, weights) -> torch.Tensor:
+        down, up = self._merged_factors(include_shared=False, weights=weights)
         return F.linear(F.linear(x2, down.to(x2.device, x2.dtype)), up.to(x2.device, x2.dtype))
 
     def converted(self, dtype=None, device=None, forced_weights=None) -> MoELoRA:
@@ -282,8 +294,8 @@ class MoELoRA(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------------
 
-    def _merged_factors(self, include_shared: bool):
-        w = self.forced_weights
+    def _merged_factors(self, include_shared: bool, weights=None):
+        w = self.forced_weights if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         if w is None:
             raise ConfigError("merging needs forced (constant) routing weights")
         keep = [e for e in range(self.config.num_experts) if float(w[e]) != 0.0]

@@ -1,0 +1,63 @@
+"""ComfyUI test tier: tests here drive one real headless ComfyUI (started once per session).
+
+Every test under tests/comfy/ gets the `comfyui` marker; the whole tier is skipped, with the reason,
+when no ComfyUI checkout is found (COMFYUI_ROOT, default /opt/ComfyUI; COMFYUI_PYTHON, default
+ROOT/.venv/bin/python). Fixtures: `comfy_install`, `comfy_server`, `comfy` (a ComfyClient).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TIER_DIR = Path(__file__).resolve().parent
+if str(TIER_DIR) not in sys.path:  # also works under --import-mode=importlib
+    sys.path.insert(0, str(TIER_DIR))
+
+from comfy_harness import ComfyClient, ComfyServer, find_comfyui  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfyui: test drives a real headless ComfyUI server (tests/comfy)")
+
+
+def pytest_collection_modifyitems(config, items):
+    install = find_comfyui()
+    skip = None if install.available else pytest.mark.skip(reason=install.missing_reason)
+    for item in items:
+        if TIER_DIR in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.comfyui)
+            if skip is not None:
+                item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    install = find_comfyui()
+    if install.available:
+        return f"ComfyUI tier: {install.root} (python {install.python})"
+    return install.missing_reason
+
+
+@pytest.fixture(scope="session")
+def comfy_install():
+    install = find_comfyui()
+    if not install.available:
+        pytest.skip(install.missing_reason)
+    return install
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_install, tmp_path_factory):
+    """The running ComfyServer (directories, process, log). Stopped at the end of the session."""
+    server = ComfyServer(comfy_install, tmp_path_factory.mktemp("comfyui"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_server):
+    """ComfyClient for the session's server: object_info, queue, run, output_files, add_lora, log..."""
+    return ComfyClient(comfy_server)

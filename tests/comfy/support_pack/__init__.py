@@ -1,0 +1,218 @@
+"""Test-only ComfyUI node pack for the x2edit ComfyUI test tier. Never ship or load it in production.
+
+At import it wraps `comfy.model_detection.detect_unet_config` so UNETLoader can load tiny random
+FLUX models (ComfyUI hard-codes FLUX.1's widths), and it adds nodes that stand in for the text
+encoders and write/read raw tensors for exact comparisons.
+"""
+
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import comfy.model_detection
+import folder_paths
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _load_tiny_models():
+    # tests/tiny_models.py owns the RoPE split rule; load it by path (tests/ is not a package here).
+    path = Path(__file__).resolve().parents[2] / "tiny_models.py"
+    spec = importlib.util.spec_from_file_location("x2edit_test_tiny_models", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny_models = _load_tiny_models()
+logger = logging.getLogger(__name__)
+
+
+# --- model detection hook ---
+
+
+def _flux_widths_from_shapes(state_dict, key_prefix):
+    """FLUX widths read from tensor shapes; None if the keys are not those of a BFL-layout FLUX."""
+    keys = {
+        "img_in": f"{key_prefix}img_in.weight",
+        "txt_in": f"{key_prefix}txt_in.weight",
+        "head": f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale",
+        "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
+        "final": f"{key_prefix}final_layer.linear.weight",
+    }
+    if any(k not in state_dict for k in keys.values()):
+        return None
+    hidden = state_dict[keys["img_in"]].shape[0]
+    head_dim = state_dict[keys["head"]].shape[0]
+    return {
+        "hidden_size": hidden,
+        "num_heads": hidden // head_dim,
+        "context_in_dim": state_dict[keys["txt_in"]].shape[1],
+        "mlp_ratio": state_dict[keys["mlp"]].shape[0] / hidden,
+        "out_channels": state_dict[keys["final"]].shape[0] // 4,
+        "axes_dim": tiny_models.flux_axes_dim(head_dim),
+        "qkv_bias": f"{key_prefix}double_blocks.0.img_attn.qkv.bias" in state_dict,
+    }
+
+
+_original_detect_unet_config = getattr(
+    comfy.model_detection.detect_unet_config, "x2edit_test_original", comfy.model_detection.detect_unet_config
+)
+
+
+def detect_unet_config_with_tiny_flux(state_dict, key_prefix, metadata=None):
+    config = _original_detect_unet_config(state_dict, key_prefix, metadata=metadata)
+    if config is None or config.get("image_model") != "flux":
+        return config
+    widths = _flux_widths_from_shapes(state_dict, key_prefix)
+    if widths is None or all(config.get(k) == v for k, v in widths.items()):
+        return config  # a real FLUX.1: leave ComfyUI's own answer untouched
+    logger.info("x2edit test support: tiny FLUX detected, widths from tensor shapes: %s", widths)
+    return {**config, **widths}
+
+
+detect_unet_config_with_tiny_flux.x2edit_test_original = _original_detect_unet_config
+comfy.model_detection.detect_unet_config = detect_unet_config_with_tiny_flux
+
+
+# --- nodes ---
+
+
+def _generator(seed, text=""):
+    # sha256, not hash(): Python salts str hashes per process and runs must repeat exactly.
+    digest = hashlib.sha256(f"{int(seed)}\0{text}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+class X2EditTestConditioning:
+    """Deterministic random FLUX conditioning of any width (stands in for CLIP-L + T5)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+                "text": ("STRING", {"default": "", "multiline": True}),
+                "tokens": ("INT", {"default": 8, "min": 1, "max": 4096}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1}),
+                "context_dim": ("INT", {"default": 32, "min": 1, "max": 8192}),
+                "pooled_dim": ("INT", {"default": 16, "min": 1, "max": 8192}),
+            },
+            "optional": {"model": ("MODEL",)},
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "x2edit_test"
+
+    def make(self, seed, text, tokens, guidance, context_dim, pooled_dim, model=None):
+        if model is not None:  # take the widths from the model so they cannot mismatch
+            unet_config = model.model.model_config.unet_config
+            context_dim = unet_config.get("context_in_dim", context_dim)
+            pooled_dim = unet_config.get("vec_in_dim", pooled_dim)
+        generator = _generator(seed, text)
+        cond = torch.randn((1, tokens, context_dim), generator=generator)
+        pooled = torch.randn((1, pooled_dim), generator=generator)
+        return ([[cond, {"pooled_output": pooled, "guidance": guidance}]],)
+
+
+class X2EditTestNoiseImage:
+    """Deterministic smooth random image (a low-resolution grid upsampled plus fine noise)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "width": ("INT", {"default": 64, "min": 8, "max": 8192}),
+                "height": ("INT", {"default": 64, "min": 8, "max": 8192}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "x2edit_test"
+
+    def make(self, width, height, batch_size, seed):
+        generator = _generator(seed, "noise image")
+        coarse = torch.rand((batch_size, 3, 4, 4), generator=generator)
+        image = torch.nn.functional.interpolate(
+            coarse, size=(height, width), mode="bilinear", align_corners=False
+        )
+        image = image + 0.05 * torch.randn(image.shape, generator=generator)
+        return (image.clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous(),)
+
+
+class X2EditTestSaveTensors:
+    """Writes the given IMAGE / LATENT samples / MASK unchanged to <output>/<prefix>_NNNNN_.safetensors."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"filename_prefix": ("STRING", {"default": "tensors/x2edit_test"})},
+            "optional": {"image": ("IMAGE",), "latent": ("LATENT",), "mask": ("MASK",)},
+        }
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    CATEGORY = "x2edit_test"
+
+    def save(self, filename_prefix, image=None, latent=None, mask=None):
+        tensors = {}
+        if image is not None:
+            tensors["image"] = image
+        if latent is not None:
+            tensors["latent"] = latent["samples"]
+        if mask is not None:
+            tensors["mask"] = mask
+        if not tensors:
+            raise ValueError("X2EditTestSaveTensors: connect at least one of image, latent, mask")
+        output_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        filename = f"{name}_{counter:05}_.safetensors"
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        save_file(tensors, os.path.join(folder, filename))
+        return {"ui": {"tensors": [{"filename": filename, "subfolder": subfolder, "type": "output"}]}}
+
+
+class X2EditTestLoadTensors:
+    """Reads `image` / `latent` / `mask` tensors from a safetensors file in the input directory.
+
+    A missing key gives a 1x8x8 zero placeholder of that type.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "tensors.safetensors"})}}
+
+    RETURN_TYPES = ("IMAGE", "LATENT", "MASK")
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, filename):
+        path = os.path.join(folder_paths.get_input_directory(), filename)
+        tensors = load_file(path)
+        image = tensors.get("image", torch.zeros((1, 8, 8, 3)))
+        latent = tensors.get("latent", torch.zeros((1, 16, 1, 1)))
+        mask = tensors.get("mask", torch.zeros((1, 8, 8)))
+        return (image, {"samples": latent}, mask)
+
+
+NODE_CLASS_MAPPINGS = {
+    "X2EditTestConditioning": X2EditTestConditioning,
+    "X2EditTestNoiseImage": X2EditTestNoiseImage,
+    "X2EditTestSaveTensors": X2EditTestSaveTensors,
+    "X2EditTestLoadTensors": X2EditTestLoadTensors,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "X2EditTestConditioning": "X2Edit Test Conditioning",
+    "X2EditTestNoiseImage": "X2Edit Test Noise Image",
+    "X2EditTestSaveTensors": "X2Edit Test Save Tensors",
+    "X2EditTestLoadTensors": "X2Edit Test Load Tensors",
+}

@@ -1,0 +1,422 @@
+"""Early-filter judges (x2edit_core.judge): answer parsing, prompt, served and local judges."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from vlm_fixtures import (
+    FakeChatServer,
+    ScriptedReply,
+    build_tiny_qwen2vl,
+    build_tiny_qwen2vl_processor,
+    chat_reply,
+)
+
+from x2edit_core.errors import JudgeConfigError, JudgeRequestError, JudgeUnavailableError
+from x2edit_core.judge import (
+    DEFAULT_JUDGE_PROMPT,
+    IMAGE_LABELS,
+    JudgeVerdict,
+    LocalVLMJudge,
+    ServedJudge,
+    build_judge_prompt,
+    image_to_pil,
+    limit_image_side,
+    parse_choice,
+    validate_prompt_template,
+    verdict_from_answer,
+)
+from x2edit_core.selection import select_best
+
+
+@pytest.fixture(autouse=True)
+def no_http_proxy(monkeypatch):
+    """The fake server is on 127.0.0.1: a proxy from the environment must not carry the requests."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer parsing
+
+PARSE_CASES = [
+    ("1", 1),
+    ("2", 2),
+    (" 2 ", 2),
+    ("Image 2", 2),
+    ("Image 2.", 2),
+    ("**2**", 2),
+    ("**Image 1**\nIt keeps the background.", 1),
+    ("Answer: 1", 1),
+    ("Answer: **2**", 2),
+    ("**Answer:** Image 2\n\n**Reason:** the hat is red.", 2),
+    ("Final answer: the first image", 1),
+    ("The answer is edit 2 because it keeps the sky.", 2),
+    ("The second edit follows the instruction better.", 2),
+    ("The first image is clearly superior.", 1),
+    ("Image 1 is better than image 2.", 1),
+    ("Image 1 is worse than image 2.", 2),
+    ("Compared with image 1, image 2 is better.", 2),
+    ("Image 1 is not better: the sky changed.", 2),
+    ("Image 2 does not have artifacts and is better", 2),
+    ("The better edit is image 1 because image 2 has artifacts.", 1),
+    ("Edited image 1 keeps the background; it is preferred.", 1),
+    ("Both edits add a hat, but image 2 is sharper and better.", 2),
+    ("I would choose the second one.", 2),
+    ("I prefer image 1.", 1),
+    ("2\nImage 1 has artifacts around the hat.", 2),
+    ("1.", 1),
+    ('{"choice": 2, "reason": "cleaner edges"}', 2),
+    ('```json\n{"answer": "Image 1", "reason": "sharper"}\n```', 1),
+    ('Here is my verdict: {"better": 1}', 1),
+    ("第二张", 2),
+    ("第二张更好，因为背景保持不变。", 2),
+    ("第1张图", 1),
+    ("图2更符合指令", 2),
+    ("答案：2", 2),
+    ("我选择第一张", 1),
+    ("第一张不如第二张", 2),
+    ("Both are equally good.", None),
+    ("Neither edit follows the instruction.", None),
+    ("I cannot tell.", None),
+    ("The image resolution is 1024 pixels", None),
+    ("", None),
+    ("   \n  ", None),
+]
+
+
+@pytest.mark.parametrize(("answer", "expected"), PARSE_CASES)
+def test_parse_choice(answer, expected):
+    assert parse_choice(answer) == expected
+
+
+def test_parse_choice_rejects_non_text():
+    assert parse_choice(None) is None  # type: ignore[arg-type]
+
+
+def test_verdict_reason_drops_a_first_line_that_is_only_the_answer():
+    verdict = verdict_from_answer("**2**\nImage 2 keeps the background\nunchanged.")
+    assert verdict == JudgeVerdict(
+        2, "Image 2 keeps the background unchanged.", "**2**\nImage 2 keeps the background\nunchanged."
+    )
+    assert verdict_from_answer("Image 1 is better: sharper.").reason == "Image 1 is better: sharper."
+    assert len(verdict_from_answer("1\n" + "x" * 5000).reason) <= 600
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt
+
+
+def test_default_prompt_follows_the_paper_and_takes_the_instruction():
+    prompt = build_judge_prompt("  make the sky pink ")
+    assert '"make the sky pink"' in prompt
+    for phrase in (
+        "edited image 1",
+        "edited image 2",
+        "original",
+        "artifacts",
+        "identical",
+        "style",
+        "1 or 2",
+    ):
+        assert phrase in prompt.lower()
+    assert "{instruction}" in DEFAULT_JUDGE_PROMPT and "{instruction}" not in prompt
+
+
+def test_prompt_template_is_filled_by_replacement_not_format():
+    template = "Rate {instruction} and answer as {{json}} or {0}?"
+    with pytest.raises(JudgeConfigError, match="unknown placeholder"):
+        validate_prompt_template("Rate {instruction} for {prompt}")
+    # Braces that are not identifiers, and braces in the instruction, go through untouched.
+    template = 'Rate {instruction}. Reply as JSON like {"choice": 1} or { }.'
+    assert validate_prompt_template(template) is template
+    assert build_judge_prompt("add {name} and {0}", template) == (
+        'Rate add {name} and {0}. Reply as JSON like {"choice": 1} or { }.'
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("Which is better?", "no {instruction}"),
+        ("{Instruction}?", "no {instruction}"),
+    ],
+)
+def test_bad_prompt_templates_are_refused(template, message):
+    with pytest.raises(JudgeConfigError, match=message):
+        validate_prompt_template(template)
+
+
+def test_empty_instruction_is_refused():
+    with pytest.raises(JudgeConfigError, match="instruction"):
+        build_judge_prompt("  ")
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+
+
+def test_image_to_pil_accepts_pil_arrays_and_comfy_tensors():
+    tensor = torch.zeros(1, 8, 12, 3)
+    tensor[..., 0] = 1.0
+    image = image_to_pil(tensor)
+    assert image.size == (12, 8) and image.mode == "RGB" and image.getpixel((0, 0)) == (255, 0, 0)
+    assert image_to_pil(np.full((4, 5, 3), 7, np.uint8)).getpixel((1, 1)) == (7, 7, 7)
+    assert image_to_pil(np.ones((4, 5), np.float32)).getpixel((0, 0)) == (255, 255, 255)
+    assert image_to_pil(Image.new("RGBA", (3, 3))).mode == "RGB"
+    with pytest.raises(JudgeConfigError, match="batch of 2"):
+        image_to_pil(torch.zeros(2, 8, 8, 3))
+    with pytest.raises(JudgeConfigError, match="shape"):
+        image_to_pil(np.zeros((4, 5, 7)))
+
+
+def test_limit_image_side_keeps_aspect():
+    image = Image.new("RGB", (300, 200))
+    assert limit_image_side(image, 100).size == (100, 67)
+    assert limit_image_side(image, 400) is image
+    assert limit_image_side(image, None) is image
+
+
+# --------------------------------------------------------------------------------------------------
+# Served judge against a real HTTP server on 127.0.0.1
+
+
+def images(size=(48, 32)):
+    return [Image.new("RGB", size, color) for color in ((10, 10, 10), (200, 0, 0), (0, 200, 0))]
+
+
+def decode_data_url(url: str) -> Image.Image:
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :])))
+
+
+def test_served_judge_sends_three_inline_images_and_the_key_from_the_named_variable(monkeypatch):
+    monkeypatch.setenv("X2EDIT_TEST_JUDGE_KEY", "secret-123")
+    original, edit_1, edit_2 = images((300, 200))
+    with FakeChatServer([chat_reply("2\nImage 2 keeps the background.")]) as server:
+        judge = ServedJudge(server.base_url, "qwen2.5-vl-72b", "X2EDIT_TEST_JUDGE_KEY", max_image_side=150)
+        verdict = judge.compare(original, edit_1, edit_2, "add a red hat")
+    assert verdict == JudgeVerdict(2, "Image 2 keeps the background.", "2\nImage 2 keeps the background.")
+    (request,) = server.requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer secret-123"
+    assert request.headers["content-type"] == "application/json"
+    body = request.body
+    assert body["model"] == "qwen2.5-vl-72b" and body["temperature"] == 0.0 and body["max_tokens"] > 0
+    (message,) = body["messages"]
+    assert message["role"] == "user"
+    parts = message["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url"] * 3 + ["text"]
+    assert [parts[i]["text"] for i in (0, 2, 4)] == list(IMAGE_LABELS)
+    sent = [decode_data_url(parts[i]["image_url"]["url"]) for i in (1, 3, 5)]
+    assert all(image.size == (150, 100) for image in sent)  # downscaled to max_image_side
+    # Order: edited image 1, edited image 2, original.
+    assert [image.convert("RGB").getpixel((5, 5)) for image in sent] == [
+        (200, 0, 0),
+        (0, 200, 0),
+        (10, 10, 10),
+    ]
+    assert '"add a red hat"' in parts[-1]["text"]
+    assert "secret-123" not in repr(vars(judge))  # the key is read per request, never kept
+
+
+def test_served_judge_without_key_sends_no_authorization_and_takes_a_full_url():
+    with FakeChatServer([chat_reply("Answer: 1")]) as server:
+        judge = ServedJudge(server.base_url + "/chat/completions/", "m", "")
+        assert judge.compare(*images(), "x").choice == 1
+    assert "authorization" not in server.requests[0].headers
+    assert server.requests[0].path == "/v1/chat/completions"
+
+
+def test_served_judge_uses_the_overridden_prompt_template():
+    with FakeChatServer([chat_reply("1")]) as server:
+        judge = ServedJudge(
+            server.base_url, "m", prompt_template="Which edit does {instruction} best? 1 or 2."
+        )
+        judge.compare(*images(), "add a hat")
+    assert (
+        server.requests[0].body["messages"][0]["content"][-1]["text"]
+        == "Which edit does add a hat best? 1 or 2."
+    )
+
+
+def test_served_judge_retries_server_errors_with_backoff():
+    sleeps = []
+    replies = [
+        ScriptedReply(500, {"error": {"message": "overloaded"}}),
+        ScriptedReply(503, b"busy"),
+        chat_reply("1"),
+    ]
+    with FakeChatServer(replies) as server:
+        judge = ServedJudge(server.base_url, "m", max_retries=3, backoff_s=0.5, sleep=sleeps.append)
+        assert judge.compare(*images(), "x").choice == 1
+    assert len(server.requests) == 3
+    assert sleeps == [0.5, 1.0]
+
+
+def test_served_judge_honours_retry_after_on_429():
+    sleeps = []
+    replies = [ScriptedReply(429, {"error": "slow down"}, headers={"Retry-After": "3"}), chat_reply("2")]
+    with FakeChatServer(replies) as server:
+        judge = ServedJudge(server.base_url, "m", backoff_s=0.1, sleep=sleeps.append)
+        assert judge.compare(*images(), "x").choice == 2
+    assert sleeps == [3.0]
+
+
+def test_served_judge_gives_up_after_retries_with_the_server_message():
+    with FakeChatServer([ScriptedReply(502, {"error": {"message": "upstream model crashed"}})]) as server:
+        judge = ServedJudge(server.base_url, "m", max_retries=2, sleep=lambda s: None)
+        with pytest.raises(JudgeUnavailableError, match="after 3 attempt.*HTTP 502: upstream model crashed"):
+            judge.compare(*images(), "x")
+    assert len(server.requests) == 3
+
+
+def test_served_judge_shows_the_4xx_error_body_and_does_not_retry():
+    error = {
+        "error": {"message": "Image exceeds the maximum of 4 images per request", "type": "invalid_request"}
+    }
+    with FakeChatServer([ScriptedReply(400, error)]) as server:
+        judge = ServedJudge(server.base_url, "m", max_retries=3, sleep=lambda s: None)
+        with pytest.raises(
+            JudgeRequestError, match="HTTP 400: Image exceeds the maximum of 4 images"
+        ) as info:
+            judge.compare(*images(), "x")
+    assert isinstance(info.value, JudgeConfigError)  # stops a selection: retrying cannot help
+    assert len(server.requests) == 1
+
+
+def test_served_judge_timeout_is_a_clear_error():
+    with FakeChatServer([ScriptedReply(200, {}, delay_s=2.0)]) as server:
+        judge = ServedJudge(server.base_url, "m", timeout_s=0.3, max_retries=0)
+        start = time.perf_counter()
+        with pytest.raises(JudgeUnavailableError, match=r"no reply within 0.3 s \(timeout\)"):
+            judge.compare(*images(), "x")
+        assert time.perf_counter() - start < 1.5
+
+
+def test_served_judge_unreachable_server():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    judge = ServedJudge(f"http://127.0.0.1:{port}/v1", "m", max_retries=1, sleep=lambda s: None)
+    with pytest.raises(JudgeUnavailableError, match="cannot connect"):
+        judge.compare(*images(), "x")
+
+
+def test_served_judge_malformed_and_content_part_replies():
+    content_parts = {"choices": [{"message": {"content": [{"type": "text", "text": "Image 2 is better."}]}}]}
+    with FakeChatServer(
+        [ScriptedReply(200, {"unexpected": True}), ScriptedReply(200, content_parts)]
+    ) as server:
+        judge = ServedJudge(server.base_url, "m", max_retries=0)
+        with pytest.raises(JudgeUnavailableError, match="without choices"):
+            judge.compare(*images(), "x")
+        assert judge.compare(*images(), "x").choice == 2
+
+
+def test_served_judge_configuration_errors(monkeypatch):
+    monkeypatch.delenv("X2EDIT_TEST_MISSING_KEY", raising=False)
+    with pytest.raises(JudgeConfigError, match="X2EDIT_TEST_MISSING_KEY is not set"):
+        ServedJudge("http://127.0.0.1:1/v1", "m", "X2EDIT_TEST_MISSING_KEY")
+    with pytest.raises(JudgeConfigError, match="NAME of an environment variable"):
+        ServedJudge("http://127.0.0.1:1/v1", "m", "sk-abc123def456")
+    with pytest.raises(JudgeConfigError, match="NAME of an environment variable"):
+        ServedJudge("http://127.0.0.1:1/v1", "m", "my key")
+    with pytest.raises(JudgeConfigError, match="not an http"):
+        ServedJudge("file:///etc/passwd", "m")
+    with pytest.raises(JudgeConfigError, match="model name"):
+        ServedJudge("http://127.0.0.1:1/v1", " ")
+    with pytest.raises(JudgeConfigError, match="unknown placeholder"):
+        ServedJudge("http://127.0.0.1:1/v1", "m", prompt_template="{instruction} {seed}")
+
+
+def test_selection_through_the_served_judge():
+    replies = [chat_reply("2\nsharper"), chat_reply("Answer: 1"), chat_reply("maybe?"), chat_reply("Image 2")]
+    with FakeChatServer(replies) as server:
+        judge = ServedJudge(server.base_url, "m")
+        result = select_best(images(), Image.new("RGB", (8, 8)), "add a hat", judge)
+    assert result.winner_index == 1 and result.judge_calls == 2 and len(server.requests) == 2
+    assert "sharper" in result.report
+
+
+# --------------------------------------------------------------------------------------------------
+# Local transformers judge on a tiny random Qwen2-VL
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory):
+    return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+
+
+def test_local_judge_runs_end_to_end_and_releases(tiny_vlm_dir):
+    judge = LocalVLMJudge(tiny_vlm_dir, device="cpu", dtype="float32", max_new_tokens=6)
+    assert not judge.loaded and judge.estimated_memory_bytes() > 0
+    original, edit_1, edit_2 = images((64, 48))
+    verdict = judge.compare(original, edit_1, edit_2, "add a red hat")
+    assert isinstance(verdict, JudgeVerdict) and isinstance(verdict.raw, str)
+    assert verdict.choice in (1, 2, None)  # random weights: any answer, parsed or counted as unusable
+    assert judge.loaded
+    judge.release()
+    assert not judge.loaded and judge.model is None
+    # Tensors in ComfyUI's layout work too, and the judge reloads after release.
+    result = select_best(
+        [torch.rand(1, 40, 56, 3) for _ in range(3)], torch.rand(1, 40, 56, 3), "add a red hat", judge
+    )
+    assert result.judge_calls == 2 and result.judge_errors == 0
+    assert result.winner_index in (0, 1, 2)
+    judge.release()
+
+
+def test_local_judge_loads_the_qwen2_5_vl_family(tmp_path):
+    folder = build_tiny_qwen2vl(tmp_path / "tiny_qwen2_5_vl", family="qwen2_5_vl")
+    judge = LocalVLMJudge(folder, device="cpu", max_new_tokens=4)
+    verdict = judge.compare(*images((64, 48)), "add a red hat")
+    assert type(judge.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert judge.model.dtype == torch.float32  # dtype "auto" on CPU
+    assert verdict.choice in (1, 2, None)
+    judge.release()
+    assert not judge.loaded
+
+
+def test_local_judge_fallback_prompt_matches_the_processor(tiny_vlm_dir):
+    """Without a full processor (no torchvision) the judge builds Qwen's inputs itself: same tokens."""
+    judge = LocalVLMJudge(tiny_vlm_dir, device="cpu", dtype="float32", max_new_tokens=4)
+    judge.load()
+    pictures = images((70, 50))
+    judge.processor = None
+    fallback = judge.encode(pictures, "add a hat")
+    judge.processor = build_tiny_qwen2vl_processor()
+    reference = judge.encode(pictures, "add a hat")
+    assert set(reference) <= set(fallback) | {"token_type_ids"}
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        assert torch.equal(torch.as_tensor(fallback[key]), torch.as_tensor(reference[key])), key
+    if "mm_token_type_ids" in reference:
+        assert torch.equal(fallback["mm_token_type_ids"], torch.as_tensor(reference["mm_token_type_ids"]))
+    image_id = judge.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    grid = fallback["image_grid_thw"]
+    assert int((fallback["input_ids"] == image_id).sum()) == int(grid.prod(dim=1).sum()) // 4
+    assert judge.compare(*pictures, "add a hat").raw is not None  # the processor path generates too
+    judge.release()
+
+
+def test_local_judge_configuration_errors(tmp_path, tiny_vlm_dir):
+    with pytest.raises(JudgeConfigError, match="does not exist"):
+        LocalVLMJudge(tmp_path / "missing")
+    with pytest.raises(JudgeConfigError, match="no config.json"):
+        LocalVLMJudge(tmp_path)
+    with pytest.raises(JudgeConfigError, match="Unknown judge dtype"):
+        LocalVLMJudge(tiny_vlm_dir, dtype="int4")
+    with pytest.raises(JudgeConfigError, match="unknown placeholder"):
+        LocalVLMJudge(tiny_vlm_dir, prompt_template="{instruction}{x}")
+    with pytest.raises(JudgeConfigError, match="instruction"):
+        LocalVLMJudge(tiny_vlm_dir).compare(*images(), "")
