@@ -90,37 +90,41 @@ def x2edit_reference_delta(moe: MoELoRA, x, task):
 
 
 def bench_icedit(tokens, repeats):
-    rows = []
-    for name, n_in, n_tok in (("img_mlp.2", 4 * HIDDEN, tokens), ("linear2", 5 * HIDDEN, tokens + 512)):
-        torch.manual_seed(0)
-        weight = torch.randn(HIDDEN, n_in) * 0.01
-        bias = torch.zeros(HIDDEN)
-        x = torch.randn(1, n_tok, n_in)
-        moe = random_moe(n_in, HIDDEN, MoEConfig(num_experts=4, rank=32, alpha=32.0, top_k=1), 1)
-        forced = moe.converted(forced_weights=[0.25] * 4)
-        merged_weight = weight + forced.merged_delta_weight()
-        x2 = x.view(-1, n_in)
+    return [
+        _bench_icedit_layer(name, n_in, n_tok, repeats)
+        for name, n_in, n_tok in (("img_mlp.2", 4 * HIDDEN, tokens), ("linear2", 5 * HIDDEN, tokens + 512))
+    ]
 
-        def dense():
-            w, idx = moe.route(x)
-            full = torch.zeros(x2.shape[0], 4).scatter_(1, idx.view(-1, 1), w.view(-1, 1))
-            return F.linear(x, weight, bias) + dense_delta(moe, x2, full).view(1, n_tok, -1)
 
-        with torch.no_grad():
-            ref = dense()
-            ours = F.linear(x, weight, bias) + moe(x)
-            torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-            t = timed(
-                {
-                    "base": lambda: F.linear(x, weight, bias),
-                    "ours": lambda: F.linear(x, weight, bias) + moe(x),
-                    "dense": dense,
-                    "forced": lambda: F.linear(x, merged_weight, bias),
-                },
-                repeats,
-            )
-        rows.append((f"ICEdit top-1 on {name} ({n_tok} tok)", t, [("ours", 1.05), ("dense", None), ("forced", 1.02)]))
-    return rows
+def _bench_icedit_layer(name, n_in, n_tok, repeats):
+    torch.manual_seed(0)
+    weight = torch.randn(HIDDEN, n_in) * 0.01
+    bias = torch.zeros(HIDDEN)
+    x = torch.randn(1, n_tok, n_in)
+    moe = random_moe(n_in, HIDDEN, MoEConfig(num_experts=4, rank=32, alpha=32.0, top_k=1), 1)
+    forced = moe.converted(forced_weights=[0.25] * 4)
+    merged_weight = weight + forced.merged_delta_weight()
+    x2 = x.view(-1, n_in)
+
+    def dense():
+        w, idx = moe.route(x)
+        full = torch.zeros(x2.shape[0], 4).scatter_(1, idx.view(-1, 1), w.view(-1, 1))
+        return F.linear(x, weight, bias) + dense_delta(moe, x2, full).view(1, n_tok, -1)
+
+    with torch.no_grad():
+        ours = F.linear(x, weight, bias) + moe(x)
+        torch.testing.assert_close(ours, dense(), rtol=1e-4, atol=1e-4)
+        t = timed(
+            {
+                "base": lambda: F.linear(x, weight, bias),
+                "ours": lambda: F.linear(x, weight, bias) + moe(x),
+                "dense": dense,
+                "forced": lambda: F.linear(x, merged_weight, bias),
+            },
+            repeats,
+        )
+    cases = [("ours", 1.05), ("dense", None), ("forced", 1.02)]
+    return (f"ICEdit top-1 on {name} ({n_tok} tok)", t, cases)
 
 
 def bench_x2edit(tokens, repeats):
@@ -129,7 +133,9 @@ def bench_x2edit(tokens, repeats):
     bias = torch.zeros(3 * HIDDEN)
     x = torch.randn(1, tokens, HIDDEN)
     task = torch.randn(HIDDEN)
-    cfg = MoEConfig(num_experts=12, rank=64, alpha=64.0, router="task", top_k=2, shared_expert=True, task_dim=HIDDEN)
+    cfg = MoEConfig(
+        num_experts=12, rank=64, alpha=64.0, router="task", top_k=2, shared_expert=True, task_dim=HIDDEN
+    )
     moes = [random_moe(HIDDEN, HIDDEN, cfg, s) for s in (1, 2, 3)]
     rows_ = [slice(i * HIDDEN, (i + 1) * HIDDEN) for i in range(3)]
     x2 = x.view(-1, HIDDEN)
@@ -225,7 +231,11 @@ def main(argv=None):
         print(f"{title}: unpatched {t['base'] * 1e3:.1f} ms")
         for case, target in cases:
             ratio = t[case] / t["base"]
-            verdict = "" if target is None else ("  (target <= %.2fx: %s)" % (target, "ok" if ratio <= target else "MISSED"))
+            verdict = (
+                ""
+                if target is None
+                else f"  (target <= {target:.2f}x: {'ok' if ratio <= target else 'MISSED'})"
+            )
             if target is not None and ratio > target:
                 failed.append(f"{title} {case}")
             print(f"  {case:8s} {ratio:6.3f}x{verdict}")
@@ -236,7 +246,8 @@ def main(argv=None):
         if not ok:
             failed.append("load memory")
         print(
-            f"\nload full-size ICEdit-layout file ({size / 1e6:.0f} MB, {n_moe} MoE layers, {n_plain} plain tensors): "
+            f"\nload full-size ICEdit-layout file ({size / 1e6:.0f} MB, {n_moe} MoE layers, "
+            f"{n_plain} plain tensors): "
             f"peak RSS {(peak - base) / 1e6:.0f} MB above baseline = {ratio:.3f}x file size "
             f"(target <= 1.20x: {'ok' if ok else 'MISSED'})"
         )

@@ -39,8 +39,8 @@ class X2EditMoELoRALoader(io.ComfyNode):
                 io.Combo.Input(
                     "lora_name",
                     options=folder_paths.get_filename_list("loras"),
-                    tooltip="File in ComfyUI's loras folder. For an X2Edit checkpoint, put its folder in loras "
-                    "and pick the lora.safetensors inside (task_embeddings.bin is read from beside it).",
+                    tooltip="File in ComfyUI's loras folder. For an X2Edit checkpoint, put its folder in "
+                    "loras and pick the lora.safetensors inside (task_embeddings.bin is read beside it).",
                 ),
                 io.Float.Input(
                     "strength",
@@ -54,9 +54,9 @@ class X2EditMoELoRALoader(io.ComfyNode):
                     "routing",
                     options=list(ROUTING_MODES),
                     default=ROUTING_NATIVE,
-                    tooltip="native: the trained routers pick experts per token (and per task). The other modes "
-                    "fix the expert weights for every token, which merges into the weights (no extra cost): "
-                    "the mean of all experts, one expert, or a custom mix.",
+                    tooltip="native: the trained routers pick experts per token (and per task). The other "
+                    "modes fix the expert weights for every token, which merges into the weights (no extra "
+                    "cost): the mean of all experts, one expert, or a custom mix.",
                 ),
                 io.Int.Input(
                     "expert_index",
@@ -68,7 +68,7 @@ class X2EditMoELoRALoader(io.ComfyNode):
                 io.String.Input(
                     "expert_weights",
                     default="",
-                    tooltip="Comma-separated weight per expert for routing 'custom mix', e.g. 0.5, 0.5, 0, 0.",
+                    tooltip="Comma-separated weight per expert for routing 'custom mix', e.g. 0.5, 0.5, 0, 0",
                 ),
             ],
             outputs=[

@@ -46,7 +46,7 @@ ROUTING_CUSTOM = "custom mix"
 ROUTING_MODES = (ROUTING_NATIVE, ROUTING_MEAN, ROUTING_SINGLE, ROUTING_CUSTOM)
 
 # patch-set key -> task embedding row (or None) for the diffusion-model call in progress
-_ACTIVE: contextvars.ContextVar[dict] = contextvars.ContextVar("x2edit_active_moe", default={})
+_ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("x2edit_active_moe", default=None)
 _UNSET = object()
 
 
@@ -75,13 +75,17 @@ def forced_weights_for(routing: str, num_experts: int, expert_index: int, expert
         return [1.0 / num_experts] * num_experts
     if routing == ROUTING_SINGLE:
         if not 0 <= expert_index < num_experts:
-            raise ConfigError(f"expert_index {expert_index} is out of range: this file has {num_experts} experts")
+            raise ConfigError(
+                f"expert_index {expert_index} is out of range: this file has {num_experts} experts"
+            )
         return [1.0 if j == expert_index else 0.0 for j in range(num_experts)]
     if routing == ROUTING_CUSTOM:
         try:
             w = [float(v) for v in expert_weights.replace(";", ",").split(",") if v.strip()]
         except ValueError as e:
-            raise ConfigError(f"expert_weights must be numbers separated by commas, got {expert_weights!r}") from e
+            raise ConfigError(
+                f"expert_weights must be numbers separated by commas, got {expert_weights!r}"
+            ) from e
         if len(w) != num_experts:
             raise ConfigError(f"expert_weights has {len(w)} numbers but the file has {num_experts} experts")
         return w
@@ -180,10 +184,12 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
         if task_table is not None:
             task_id = int(opts.get(TASK_OPTION, default_task))
             if not 0 <= task_id < task_table.shape[0]:
-                raise ConfigError(f"task id {task_id} is out of range for {task_table.shape[0]} task embeddings")
+                raise ConfigError(
+                    f"task id {task_id} is out of range for {task_table.shape[0]} task embeddings"
+                )
             task = task_table[task_id]
         forced = opts.get(FORCED_OPTION) or None
-        token = _ACTIVE.set({**_ACTIVE.get(), key: (task, forced)})
+        token = _ACTIVE.set({**(_ACTIVE.get() or {}), key: (task, forced)})
         try:
             return executor(*args, **kwargs)
         finally:
@@ -195,7 +201,7 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
 def _make_forward(base_call, entries, key: str, strength: float):
     def forward(x, *args, **kwargs):
         out = base_call(x, *args, **kwargs)
-        state = _ACTIVE.get().get(key, _UNSET)
+        state = (_ACTIVE.get() or {}).get(key, _UNSET)
         if state is _UNSET:  # not this patch set's call (e.g. a stale patch under another clone)
             return out
         task, forced = state

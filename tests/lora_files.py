@@ -62,8 +62,17 @@ def write_icedit(path, **kw):
     return path
 
 
-def x2edit_state_dict(hidden=3072, num_double=19, num_single=38, experts=12, rank=64, num_tasks=16, seed=0,
-                      dtype=torch.float32, std=0.02):
+def x2edit_state_dict(
+    hidden=3072,
+    num_double=19,
+    num_single=38,
+    experts=12,
+    rank=64,
+    num_tasks=16,
+    seed=0,
+    dtype=torch.float32,
+    std=0.02,
+):
     """(lora.safetensors dict, task embedding [num_tasks, hidden]) in X2Edit's layout."""
     g = torch.Generator().manual_seed(seed)
 
@@ -90,5 +99,7 @@ def write_x2edit_dir(folder, with_alignnet=True, **kw):
     save_file(sd, os.path.join(folder, "lora.safetensors"))
     torch.save({"weight": emb}, os.path.join(folder, "task_embeddings.bin"))
     if with_alignnet:
-        torch.save({"conv.weight": torch.zeros(1, 29, 5, 5)}, os.path.join(folder, "diffusion_pytorch_model.bin"))
+        torch.save(
+            {"conv.weight": torch.zeros(1, 29, 5, 5)}, os.path.join(folder, "diffusion_pytorch_model.bin")
+        )
     return folder

@@ -35,8 +35,12 @@ def test_icedit_file(tmp_path):
     cfg = a.moe.config
     assert (cfg.num_experts, cfg.rank, cfg.alpha, cfg.top_k, cfg.router) == (4, 4, 4.0, 1, "token")
     raw = load_file(str(path))[0]
-    assert torch.equal(a.moe.lora_A[2], raw["transformer.transformer_blocks.1.ff.net.2.lora_A.expert_2.weight"])
-    assert torch.equal(a.moe.router_weight, raw["transformer.transformer_blocks.1.ff.net.2.lora_route.weight"])
+    assert torch.equal(
+        a.moe.lora_A[2], raw["transformer.transformer_blocks.1.ff.net.2.lora_A.expert_2.weight"]
+    )
+    assert torch.equal(
+        a.moe.router_weight, raw["transformer.transformer_blocks.1.ff.net.2.lora_route.weight"]
+    )
     # plain parts are kept as-is for ComfyUI's loader; nothing is dropped silently
     moe_keys = sum(1 for k in raw if "expert_" in k or "lora_route" in k)
     assert len(loaded.plain) + moe_keys == len(raw) and not loaded.ignored
@@ -52,9 +56,18 @@ def test_x2edit_folder_and_its_lora_file(tmp_path):
         assert loaded.task_embedding.shape == (16, 32)
         assert "diffusion_pytorch_model.bin" in loaded.ignored
         proj = [a for a in loaded.moe if a.apply == APPLY_OUTPUT]
-        assert [a.module for a in proj] == ["transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.to_out.0"]
+        assert [a.module for a in proj] == [
+            "transformer_blocks.0.attn.to_out.0",
+            "transformer_blocks.1.attn.to_out.0",
+        ]
         cfg = loaded.moe[0].moe.config
-        assert (cfg.router, cfg.top_k, cfg.shared_expert, cfg.task_dim, cfg.alpha) == ("task", 2, True, 32, 2.0)
+        assert (cfg.router, cfg.top_k, cfg.shared_expert, cfg.task_dim, cfg.alpha) == (
+            "task",
+            2,
+            True,
+            32,
+            2.0,
+        )
 
 
 def test_x2edit_lora_alone_reports_missing_task_file(tmp_path):
@@ -66,13 +79,18 @@ def test_x2edit_lora_alone_reports_missing_task_file(tmp_path):
 
 def test_ours_round_trip(tmp_path):
     token = MoELoRA(16, 8, MoEConfig(num_experts=3, rank=2, alpha=4.0, top_k=1))
-    task = MoELoRA(8, 8, MoEConfig(num_experts=4, rank=2, alpha=2.0, router="task", top_k=2,
-                                    shared_expert=True, task_dim=8))
+    task = MoELoRA(
+        8,
+        8,
+        MoEConfig(num_experts=4, rank=2, alpha=2.0, router="task", top_k=2, shared_expert=True, task_dim=8),
+    )
     forced = MoELoRA(8, 8, MoEConfig(num_experts=2, rank=2, alpha=2.0, router="forced"))
     forced.set_forced_weights([0.25, 0.75])
-    adapters = [MoEAdapter("transformer_blocks.0.ff.net.2", "input", token),
-                MoEAdapter("transformer_blocks.0.attn.to_out.0", APPLY_OUTPUT, task),
-                MoEAdapter("single_transformer_blocks.0.attn.to_q", "input", forced)]
+    adapters = [
+        MoEAdapter("transformer_blocks.0.ff.net.2", "input", token),
+        MoEAdapter("transformer_blocks.0.attn.to_out.0", APPLY_OUTPUT, task),
+        MoEAdapter("single_transformer_blocks.0.attn.to_q", "input", forced),
+    ]
     plain = {"x_embedder": (torch.randn(2, 12), torch.randn(8, 2), 2.0)}
     path = str(tmp_path / "ours.safetensors")
     save_moe_lora(path, adapters, plain, task_embedding=torch.randn(16, 8), task_names=["a"] * 16)
@@ -86,14 +104,22 @@ def test_ours_round_trip(tmp_path):
         for name, p in a.moe.named_parameters():
             assert torch.equal(p, dict(b.moe.named_parameters())[name])
     assert got["single_transformer_blocks.0.attn.to_q"].moe.forced_weights.tolist() == [0.25, 0.75]
-    assert set(loaded.plain) == {"transformer.x_embedder.lora_A.weight", "transformer.x_embedder.lora_B.weight",
-                                 "transformer.x_embedder.alpha"}
+    assert set(loaded.plain) == {
+        "transformer.x_embedder.lora_A.weight",
+        "transformer.x_embedder.lora_B.weight",
+        "transformer.x_embedder.alpha",
+    }
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_plain_lora(tmp_path):
-    save_file({"transformer.x_embedder.lora_A.weight": torch.zeros(2, 4),
-               "transformer.x_embedder.lora_B.weight": torch.zeros(4, 2)}, str(tmp_path / "p.safetensors"))
+    save_file(
+        {
+            "transformer.x_embedder.lora_A.weight": torch.zeros(2, 4),
+            "transformer.x_embedder.lora_B.weight": torch.zeros(4, 2),
+        },
+        str(tmp_path / "p.safetensors"),
+    )
     loaded = load_adapters(str(tmp_path / "p.safetensors"))
     assert loaded.format == FORMAT_PLAIN and len(loaded.plain) == 2
 
@@ -141,9 +167,13 @@ def test_inconsistent_expert_shapes(tmp_path):
 
 def test_missing_expert_and_missing_route(tmp_path):
     base = "transformer.transformer_blocks.0.ff.net.2"
-    sd = {f"{base}.lora_A.expert_0.weight": torch.zeros(4, 8), f"{base}.lora_B.expert_0.weight": torch.zeros(8, 4),
-          f"{base}.lora_A.expert_2.weight": torch.zeros(4, 8), f"{base}.lora_B.expert_2.weight": torch.zeros(8, 4),
-          f"{base}.lora_route.weight": torch.zeros(2, 8)}
+    sd = {
+        f"{base}.lora_A.expert_0.weight": torch.zeros(4, 8),
+        f"{base}.lora_B.expert_0.weight": torch.zeros(8, 4),
+        f"{base}.lora_A.expert_2.weight": torch.zeros(4, 8),
+        f"{base}.lora_B.expert_2.weight": torch.zeros(8, 4),
+        f"{base}.lora_route.weight": torch.zeros(2, 8),
+    }
     save_file(sd, str(tmp_path / "gap.safetensors"))
     with pytest.raises(FormatError, match="expected 0..1"):
         load_adapters(str(tmp_path / "gap.safetensors"))

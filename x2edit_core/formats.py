@@ -182,7 +182,9 @@ def _stack(reader: TensorReader, keys: list[str], dtype: torch.dtype) -> torch.T
         if info.shape != shape:
             raise _shape_error(header, key, shape, info.shape)
         if info.dtype != dtype:
-            raise FormatError(f"{os.path.basename(header.path)}: tensor {key!r} is {info.dtype}, others {dtype}")
+            raise FormatError(
+                f"{os.path.basename(header.path)}: tensor {key!r} is {info.dtype}, others {dtype}"
+            )
         reader.read_into(key, out[i])
     return out
 
@@ -215,9 +217,13 @@ def _load_icedit(header: SafetensorsHeader) -> LoadedAdapters:
     with TensorReader(header) as reader:
         for module in sorted(set(experts) | set(routes)):
             if module not in routes:
-                raise FormatError(f"{os.path.basename(header.path)}: MoE layer {module!r} has experts but no lora_route")
+                raise FormatError(
+                    f"{os.path.basename(header.path)}: MoE layer {module!r} has experts but no lora_route"
+                )
             if module not in experts:
-                raise FormatError(f"{os.path.basename(header.path)}: {routes[module]!r} has no experts beside it")
+                raise FormatError(
+                    f"{os.path.basename(header.path)}: {routes[module]!r} has no experts beside it"
+                )
             a_keys = _expert_keys(header, experts[module]["lora_A"], module + " lora_A")
             b_keys = _expert_keys(header, experts[module]["lora_B"], module + " lora_B")
             if len(a_keys) != len(b_keys):

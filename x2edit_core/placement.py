@@ -73,7 +73,9 @@ def comfy_target(diffusers_module: str) -> ComfyTarget:
     m = _BLOCK_RE.match(name)
     if m:
         kind, index, rest = m.groups()
-        table, prefix = (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
+        table, prefix = (
+            (_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (_SINGLE, "single_blocks")
+        )
         if rest in table:
             module, part = table[rest]
             return ComfyTarget(f"{prefix}.{index}.{module}", part)
