@@ -216,3 +216,120 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "X2EditTestSaveTensors": "X2Edit Test Save Tensors",
     "X2EditTestLoadTensors": "X2Edit Test Load Tensors",
 }
+
+
+# --- text-encoder stand-in (workflow tests) ---
+
+
+class _TestClipModel:
+    """Duck-typed CLIP for nodes that call `tokenize` and `encode_from_tokens_scheduled` (IC prompt,
+    CLIPTextEncode): deterministic random conditioning of the tiny models' widths, seeded by the text."""
+
+    def __init__(self, seed, tokens, context_dim, pooled_dim):
+        self.seed, self.tokens, self.context_dim, self.pooled_dim = seed, tokens, context_dim, pooled_dim
+
+    def tokenize(self, text, **kwargs):
+        return {"x2edit_test_text": text}
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        text = tokens["x2edit_test_text"]
+        generator = _generator(self.seed, text)
+        cond = torch.randn((1, self.tokens, self.context_dim), generator=generator)
+        pooled = torch.randn((1, self.pooled_dim), generator=generator)
+        return [[cond, {"pooled_output": pooled, "x2edit_test_text": text, **(add_dict or {})}]]
+
+
+class X2EditTestCLIP:
+    """Stands in for DualCLIPLoader (CLIP-L + T5 cannot be tiny): a CLIP whose encoding is random
+    conditioning seeded by the prompt text, so different prompts give different conditioning."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF}),
+                "tokens": ("INT", {"default": 8, "min": 1, "max": 4096}),
+                "context_dim": ("INT", {"default": 32, "min": 1, "max": 8192}),
+                "pooled_dim": ("INT", {"default": 16, "min": 1, "max": 8192}),
+            }
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, seed, tokens, context_dim, pooled_dim):
+        return (_TestClipModel(seed, tokens, context_dim, pooled_dim),)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestCLIP"] = X2EditTestCLIP
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestCLIP"] = "X2Edit Test CLIP"
+
+
+# --- early filter: a judge that knows the "true quality" (appended for tests/comfy/test_early_filter.py) ---
+
+
+def _x2edit_judge_module():
+    # The x2edit pack is loaded by ComfyUI under its folder name; find its judge module at call time
+    # so the verdict is the pack's own JudgeVerdict class whatever the load order.
+    for name, module in list(sys.modules.items()):
+        if name.endswith("x2edit_core.judge") and hasattr(module, "JudgeVerdict"):
+            return module
+    raise RuntimeError("X2EditTestScriptedJudge: the x2edit pack's x2edit_core.judge is not loaded")
+
+
+class ScriptedJudge:
+    """Judge interface (compare -> JudgeVerdict) with a known quality: mean brightness of the image.
+
+    prefer: "brighter" / "darker" picks by that quality; "first" / "second" always answers 1 / 2;
+    "unusable" gives an answer that names no winner. `calls` counts compare calls.
+    """
+
+    def __init__(self, prefer):
+        self.prefer = prefer
+        self.calls = 0
+        self.released = 0
+
+    @staticmethod
+    def quality(image):
+        import numpy as np
+
+        return float(np.asarray(image.convert("RGB"), dtype=np.float64).mean())
+
+    def compare(self, original, candidate_1, candidate_2, instruction):
+        verdict_class = _x2edit_judge_module().JudgeVerdict
+        self.calls += 1
+        if self.prefer == "unusable":
+            return verdict_class(None, "", "Both look the same to me.")
+        if self.prefer in ("first", "second"):
+            choice = 1 if self.prefer == "first" else 2
+        else:
+            q1, q2 = self.quality(candidate_1), self.quality(candidate_2)
+            choice = 1 if (q1 >= q2) == (self.prefer == "brighter") else 2
+        reason = f"scripted {self.prefer}: image {choice} (size {candidate_1.size}, original {original.size})"
+        return verdict_class(choice, reason, f"{choice}\n{reason}")
+
+    def release(self):
+        self.released += 1
+
+    def describe(self):
+        return f"scripted judge ({self.prefer})"
+
+
+class X2EditTestScriptedJudge:
+    """An X2EDIT_JUDGE whose choices follow a known rule (see ScriptedJudge)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prefer": (["brighter", "darker", "first", "second", "unusable"],)}}
+
+    RETURN_TYPES = ("X2EDIT_JUDGE",)
+    FUNCTION = "make"
+    CATEGORY = "x2edit_test"
+
+    def make(self, prefer):
+        return (ScriptedJudge(prefer),)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestScriptedJudge"] = X2EditTestScriptedJudge
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestScriptedJudge"] = "X2Edit Test Scripted Judge"

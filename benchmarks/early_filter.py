@@ -1,0 +1,213 @@
+"""Early-filter cost on CPU: each mode's wall time over one plain n-step run, beside its NFE ratio.
+
+    /opt/ComfyUI/.venv/bin/python benchmarks/early_filter.py [--steps-scale 0.2] [--batch-sizes 1,2,6]
+
+Runs inside one Python process that imports ComfyUI directly (COMFYUI_ROOT, default /opt/ComfyUI), so
+the times are clean of HTTP and queueing. Model: a random FLUX Fill with hidden 256, 2 double + 2
+single blocks (written with tests/tiny_models.py; the test support pack's detection hook loads it),
+a tiny TAESD-layout VAE, a 512x512 source as a 1024x512 diptych (latent 128x64 = 2048 image tokens)
+and 512 text tokens. Settings: M=6, m=10, n=50 (scaled by --steps-scale), euler / simple, cfg 1.
+
+Printed: plain run time; per mode (paper NFE ratio 2.2, resume 2.0) the sampling time (candidates +
+winner) over the plain run, the preview decoding and the judge (a trivial judge that always keeps the
+current best) separately, and the total; then the candidate phase at each batch size against one by
+one (the gain). Target: sampling ratio within 5% of the NFE ratio; batched no slower than one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "/opt/ComfyUI")
+sys.path[:0] = [COMFYUI_ROOT, os.path.join(ROOT, "tests")]
+
+
+def load_module(name: str, path: str, package_dir: str | None = None):
+    locations = [package_dir] if package_dir else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=locations)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="scale m and n (0.2: m=2, n=10)")
+    parser.add_argument("--candidates", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2, help="candidates per batch in the mode runs")
+    parser.add_argument("--batch-sizes", default="1,2,6", help="candidate-phase batch sizes to compare")
+    parser.add_argument("--panel", type=int, default=512, help="source side in pixels (diptych 2x wide)")
+    parser.add_argument("--text-tokens", type=int, default=512)
+    parser.add_argument("--gpu", action="store_true", help="use the GPU when there is one (default CPU)")
+    parser.add_argument(
+        "--comfy-cpu-attention", action="store_true", help="keep ComfyUI's CPU attention (sub-quadratic)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default). 1 keeps CPU time a clean measure on a shared machine: "
+        "with more, waiting threads spin and count as CPU time.",
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import comfy.cli_args  # library import: defaults, no argv parsing
+
+    comfy.cli_args.args.cpu = not (args.gpu and torch.cuda.is_available())
+    # PyTorch SDPA attention, what ComfyUI picks by default on NVIDIA; its CPU default (sub-quadratic
+    # attention) is several times slower and would only scale all runs alike.
+    comfy.cli_args.args.use_pytorch_cross_attention = not args.comfy_cpu_attention
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (InpaintModelConditioning)
+
+    # The support pack's hook reads tiny FLUX widths from the tensor shapes.
+    load_module("x2edit_test_support", os.path.join(ROOT, "tests", "comfy", "support_pack", "__init__.py"))
+    pack = load_module("x2edit", os.path.join(ROOT, "__init__.py"), ROOT)
+    del pack
+    import tiny_models
+    from x2edit.nodes.early_filter import run_early_filter, schedule_sigmas
+    from x2edit.x2edit_core.early_filter import make_plan
+    from x2edit.x2edit_core.judge import Judge, JudgeVerdict
+
+    class KeepFirstJudge(Judge):
+        """A trivial judge: always keeps the current best, instantly (judge time is not the subject)."""
+
+        def compare(self, original, candidate_1, candidate_2, instruction):
+            return JudgeVerdict(1, "trivial judge", "1")
+
+        def describe(self):
+            return "trivial judge"
+
+    early = max(1, round(10 * args.steps_scale))
+    total = max(early + 1, round(50 * args.steps_scale))
+    M = args.candidates
+
+    with tempfile.TemporaryDirectory() as tmp:
+        unet_path = tiny_models.write_tiny_flux(
+            os.path.join(tmp, "fill.safetensors"),
+            variant="fill",
+            seed=3,
+            hidden_size=256,
+            num_heads=4,
+            depth=2,
+            depth_single_blocks=2,
+        )
+        vae_path = tiny_models.write_tiny_vae(os.path.join(tmp, "vae.safetensors"), seed=4)
+        model = comfy.sd.load_diffusion_model(str(unet_path))
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(vae_path)))
+
+    config = model.model.model_config.unet_config
+    generator = torch.Generator().manual_seed(0)
+    cond = torch.randn((1, args.text_tokens, config["context_in_dim"]), generator=generator)
+    pooled = torch.randn((1, config["vec_in_dim"]), generator=generator)
+    positive = [[cond, {"pooled_output": pooled, "guidance": 50.0}]]
+    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": 50.0}]]
+    side = args.panel
+    source = torch.rand((1, side, side, 3), generator=generator)
+    diptych = torch.cat([source, torch.zeros_like(source)], dim=2)
+    mask = torch.zeros((1, side, 2 * side))
+    mask[:, :, side:] = 1.0
+    positive, negative, latent = comfy_nodes.InpaintModelConditioning().encode(
+        positive, negative, diptych, vae, mask, noise_mask=True
+    )
+    latent_image = latent["samples"]
+    tokens = (latent_image.shape[-1] // 2) * (latent_image.shape[-2] // 2)
+    print(
+        f"FLUX Fill hidden {config['hidden_size']}, {config['depth']} double + "
+        f"{config['depth_single_blocks']} single blocks; diptych {2 * side}x{side}, latent "
+        f"{tuple(latent_image.shape)}, {tokens} image + {args.text_tokens} text tokens; M={M}, m={early}, "
+        f"n={total}; device {comfy.model_management.get_torch_device()}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+
+    def plain_run(steps: int, seed: int = 0):
+        sigmas = schedule_sigmas(model, "euler", "simple", steps)
+        sampler = comfy.samplers.sampler_object("euler")
+        noise = comfy.sample.prepare_noise(latent_image, seed)
+        return comfy.sample.sample_custom(
+            model, noise, 1.0, sampler, sigmas, positive, negative, latent_image,
+            noise_mask=latent["noise_mask"], disable_pbar=True, seed=seed,
+        )  # fmt: skip
+
+    def timed_plain() -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        plain_run(total)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    plain_run(2)  # warm-up: model load, first-call allocations
+    plain_before = timed_plain()
+
+    judge = KeepFirstJudge()
+    common = dict(
+        model=model, positive=positive, negative=negative, latent=latent, vae=vae, source_image=source,
+        instruction="make it red", judge=judge, cfg=1.0, sampler_name="euler", scheduler="simple",
+    )  # fmt: skip
+    runs = {}
+    for mode in ("paper", "resume"):
+        plan = make_plan(mode, M, early, total, args.batch_size, 0)
+        wall = time.perf_counter()
+        result = run_early_filter(plan, **common)
+        runs[mode] = (plan, result, time.perf_counter() - wall)
+    plain_after = timed_plain()
+    plain_wall = (plain_before[0] + plain_after[0]) / 2
+    plain_cpu = (plain_before[1] + plain_after[1]) / 2
+    print(
+        f"\nplain {total}-step run (before / after the modes): wall {plain_before[0]:.2f} / "
+        f"{plain_after[0]:.2f} s, CPU {plain_before[1]:.2f} / {plain_after[1]:.2f} s "
+        f"({plain_wall / total * 1000:.0f} ms wall per step)"
+    )
+    print(
+        "\nsampling = candidates + winner run, over the plain run (mean of before/after); overhead = "
+        "ratio / NFE ratio - 1.\nCPU time is this process's; it is robust to other load on the machine, "
+        "wall time is not."
+    )
+    print(
+        f"{'mode':7} {'NFE':>4} {'NFE ratio':>9} | {'wall':>7} {'ratio':>6} {'overhead':>8} | "
+        f"{'CPU':>7} {'ratio':>6} {'overhead':>8} | {'previews':>8} {'judge':>6} {'total':>7} "
+        f"{'total ratio':>11}"
+    )
+    for mode, (plan, result, wall) in runs.items():
+        sampling_wall = result.timings["candidates"] + result.timings["winner"]
+        sampling_cpu = result.cpu_timings["candidates"] + result.cpu_timings["winner"]
+        wall_ratio, cpu_ratio = sampling_wall / plain_wall, sampling_cpu / plain_cpu
+        print(
+            f"{mode:7} {plan.nfe:4d} {plan.nfe_ratio:9.2f} | {sampling_wall:6.1f}s {wall_ratio:6.2f} "
+            f"{(wall_ratio / plan.nfe_ratio - 1) * 100:+7.1f}% | {sampling_cpu:6.1f}s {cpu_ratio:6.2f} "
+            f"{(cpu_ratio / plan.nfe_ratio - 1) * 100:+7.1f}% | {result.timings['previews']:7.1f}s "
+            f"{result.timings['judge']:5.3f}s {wall:6.1f}s {wall / plain_wall:11.2f}"
+        )
+
+    print(f"\ncandidate phase ({M} x {early} steps of the paper schedule) by batch size:")
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
+    times = {}
+    for size in sizes:
+        plan = make_plan("paper", M, early, early, size, 0)  # n = m: a short winner run, not timed here
+        result = run_early_filter(plan, **common)
+        times[size] = (result.timings["candidates"], result.cpu_timings["candidates"])
+    base = times.get(1)
+    for size, (wall, cpu) in times.items():
+        gain = f"  gain over one by one: wall {base[0] / wall:.2f}x, CPU {base[1] / cpu:.2f}x" if base else ""
+        print(f"  batch {size}: wall {wall:7.2f} s, CPU {cpu:7.2f} s{gain}")
+    comfy.model_management.unload_all_models()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""``python -m train`` / ``accelerate launch -m train``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
