@@ -150,6 +150,14 @@ def _sample(model, noise, sigmas, sampler, cfg, positive, negative, latent_image
     )
 
 
+def _decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    images = vae.decode(samples)
+    if images.ndim == 5:  # video VAEs give [B, T, H, W, C]
+        images = images.reshape(-1, *images.shape[-3:])
+    return images
+
+
 def _judge_original(source_image: torch.Tensor):
     if source_image.ndim != 4 or source_image.shape[0] < 1:
         raise ConfigError(
@@ -251,9 +259,9 @@ def run_early_filter(
     # --- previews ---
     clock.start()
     early = torch.cat(early_latents, dim=0)
-    previews = vae.decode(early)
-    if previews.ndim == 5:  # video VAEs give [B, T, H, W, C]
-        previews = previews.reshape(-1, *previews.shape[-3:])
+    # One at a time: ComfyUI sizes decode batches by free memory, which on CPU underestimates the peak
+    # (6 diptychs of 1024x512 at once went past 24 GB); decoding is per image anyway.
+    previews = torch.cat([_decode(vae, early[i : i + 1]) for i in range(early.shape[0])], dim=0)
     clock.stop("previews")
 
     # --- judge ---
