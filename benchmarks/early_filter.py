@@ -210,4 +210,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import torch
+
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes; else autograd keeps activations
+        main()

@@ -80,7 +80,7 @@ class LoadedAdapters:
         lines = [
             f"{os.path.basename(self.source.rstrip(os.sep))}: format {self.format}, "
             f"{len(self.moe)} MoE layers (router {', '.join(routers) or '-'}), "
-            f"{len(self.plain)} plain LoRA tensors, {self.num_parameters / 1e6:.1f}M parameters"
+            f"{len(self.plain)} plain LoRA tensors, {self.num_parameters:,} parameters"
         ]
         if self.moe:
             c = self.moe[0].moe.config

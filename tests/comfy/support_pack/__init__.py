@@ -333,3 +333,63 @@ class X2EditTestScriptedJudge:
 
 NODE_CLASS_MAPPINGS["X2EditTestScriptedJudge"] = X2EditTestScriptedJudge
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestScriptedJudge"] = "X2Edit Test Scripted Judge"
+
+
+# --- one raw diffusion-model call (appended for tests/comfy/test_cross_implementation.py) ---
+
+
+class X2EditTestModelForward:
+    """Calls the patched FLUX diffusion model once on fixed inputs and saves its raw output.
+
+    The inputs file (input directory) holds `x` [B, C, H, W], `timestep` [B] in [0, 1], `context`
+    [B, T, D], `y` [B, P] and `guidance` [B]. The call gets the patched model's transformer_options and
+    wrappers plus the task id, as sampling would, so wrappers and task-aware adapters take part.
+    """
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "filename": ("STRING", {"default": "forward_inputs.safetensors"}),
+                "task": ("INT", {"default": 0, "min": 0, "max": 255}),
+                "filename_prefix": ("STRING", {"default": "tensors/x2edit_forward"}),
+            }
+        }
+
+    RETURN_TYPES = ()
+    FUNCTION = "forward"
+    OUTPUT_NODE = True
+    CATEGORY = "x2edit_test"
+
+    def forward(self, model, filename, task, filename_prefix):
+        import comfy.model_management
+        import comfy.patcher_extension
+
+        inputs = load_file(os.path.join(folder_paths.get_input_directory(), filename))
+        comfy.model_management.load_models_gpu([model])
+        diffusion_model = model.model.diffusion_model
+        device, dtype = model.load_device, model.model.get_dtype()
+        x, timestep, context, y, guidance = (
+            inputs[k].to(device, dtype) for k in ("x", "timestep", "context", "y", "guidance")
+        )
+        # As sampling does (comfy.sampler_helpers.prepare_model_patcher): the patcher's wrappers join
+        # a copy of its transformer_options, so DIFFUSION_MODEL wrappers run around the call.
+        options = dict(model.model_options.get("transformer_options", {}))
+        options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+            options.get("wrappers", {}), model.wrappers, copy_dict1=True
+        )
+        options["x2edit_task"] = int(task)
+        with torch.no_grad():
+            out = diffusion_model(x, timestep, context, y=y, guidance=guidance, transformer_options=options)
+        output_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
+        out_name = f"{name}_{counter:05}_.safetensors"
+        save_file(
+            {"output": out.detach().to("cpu", torch.float32).contiguous()}, os.path.join(folder, out_name)
+        )
+        return {"ui": {"tensors": [{"filename": out_name, "subfolder": subfolder, "type": "output"}]}}
+
+
+NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
