@@ -147,3 +147,20 @@ def test_from_tensors_checks_shapes():
         MoELoRA.from_tensors(cfg, torch.zeros(2, 3, 8), torch.zeros(2, 5, 3), router=torch.zeros(2, 7))
     with pytest.raises(ConfigError, match="expert shapes"):
         MoELoRA.from_tensors(cfg, torch.zeros(3, 3, 8), torch.zeros(2, 5, 3), router=torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("router", ["token", "task", "forced"])
+def test_accumulating_into_a_row_slice_equals_adding_the_delta(router):
+    task_dim = 4 if router == "task" else 0
+    cfg = MoEConfig(
+        num_experts=3, rank=2, alpha=4.0, router=router, top_k=2, shared_expert=True, task_dim=task_dim
+    )
+    moe = _random_moe(cfg, n_in=24, n_out=20)
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    task = torch.randn(task_dim, dtype=torch.float64) if task_dim else None
+    base = torch.randn(2, 5, 60, dtype=torch.float64)
+    want = base.clone()
+    want[..., 20:40] += moe(x, task, 0.5)
+    got = base.clone()
+    assert moe(x, task, 0.5, out=got[..., 20:40]) is not None
+    torch.testing.assert_close(got, want)

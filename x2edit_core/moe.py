@@ -227,25 +227,40 @@ class MoELoRA(nn.Module):
         task_embedding: torch.Tensor | None = None,
         strength: float = 1.0,
         forced_weights: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ):
-        """Delta for ``x`` [..., in]. ``forced_weights`` [E] overrides the routing for this call only."""
+        """Delta for ``x`` [..., in]. ``forced_weights`` [E] overrides the routing for this call only.
+
+        With ``out`` (shaped like the delta, e.g. a row slice of the base layer's output) the delta is
+        added into it in place and ``out`` is returned: no extra full-size buffer or pass (inference).
+        """
         lead, n_in = x.shape[:-1], x.shape[-1]
         if n_in != self.in_features:
             raise ConfigError(f"input width {n_in} does not fit this adapter's {self.in_features}")
         x2 = x.reshape(-1, n_in)
-        out = None
-        if self.shared_A is not None:  # the always-on expert; routed experts are added into its output
-            sA, sB = self.shared_A.to(x.device, x.dtype), self.shared_B.to(x.device, x.dtype)
-            out = F.linear(F.linear(x2, sA), sB)
+        # The scale multiplies the small [N, r] intermediates, never a full [N, out] tensor.
+        scale = self.config.scale * strength
+        acc = None if out is None else out.view(-1, self.out_features)
+        if self.shared_A is not None:  # the always-on expert
+            acc = self._add_low_rank(x2, self.shared_A, self.shared_B, scale, acc)
         if forced_weights is None:
             forced_weights = self.forced_weights
         if forced_weights is not None:
-            forced = self._forced(x2, forced_weights)
-            out = forced if out is None else out + forced
+            down, up = self._merged_factors(include_shared=False, weights=forced_weights)
+            acc = self._add_low_rank(x2, down, up, scale, acc)
         else:
             weights, index = self.route(x, task_embedding)
-            out = self._dispatch(x2, weights.reshape(x2.shape[0], -1), index.reshape(x2.shape[0], -1), out)
-        return (out * (self.config.scale * strength)).reshape(*lead, self.out_features)
+            n = x2.shape[0]
+            acc = self._dispatch(x2, weights.reshape(n, -1) * scale, index.reshape(n, -1), acc)
+        return out if out is not None else acc.view(*lead, self.out_features)
+
+    @staticmethod
+    def _add_low_rank(x2, down, up, scale, acc):
+        h = F.linear(x2, down.to(x2.device, x2.dtype)) * scale
+        up = up.to(x2.device, x2.dtype)
+        if acc is None:
+            return F.linear(h, up)
+        return acc.addmm_(h, up.t())
 
     def _dispatch(self, x2, weights, index, out=None) -> torch.Tensor:
         """Sum of the chosen experts, each run only on its own tokens (added into ``out`` if given)."""
@@ -263,36 +278,10 @@ class MoELoRA(nn.Module):
             if c == 0:
                 continue
             tok = token[start : start + c]
-            h = F.linear(F.linear(x2.index_select(0, tok), A[e]), B[e]) * w[start : start + c]
-            out.index_add_(0, tok, h)
+            h = F.linear(x2.index_select(0, tok), A[e]) * w[start : start + c]
+            out.index_add_(0, tok, F.linear(h, B[e]))
             start += c
         return out
-
-    def _forced(self, x2: torch.Tensor, weights) -> torch.Tensor:
-        down, up = self._merged_factors(include_shared=False, weights=weights)
-        return F.linear(F.linear(x2, down.to(x2.device, x2.dtype)), up.to(x2.device, x2.dtype))
-
-    def converted(self, dtype=None, device=None, forced_weights=None) -> MoELoRA:
-        """A new module with the same config and weights cast to ``dtype``/``device``; ``self`` is untouched
-        (loaded files are cached and shared, so per-use settings never mutate them)."""
-
-        def conv(t):
-            return None if t is None else t.detach().to(device=device, dtype=dtype)
-
-        new = MoELoRA.from_tensors(
-            self.config,
-            conv(self.lora_A),
-            conv(self.lora_B),
-            router=conv(self.router_weight),
-            shared_A=conv(self.shared_A),
-            shared_B=conv(self.shared_B),
-        )
-        new.forced_weights = self.forced_weights
-        if forced_weights is not None:
-            new.set_forced_weights(forced_weights)
-        return new
-
-    # -- merging -------------------------------------------------------------------------------------
 
     def _merged_factors(self, include_shared: bool, weights=None):
         w = self.forced_weights if weights is None else torch.as_tensor(weights, dtype=torch.float32)
