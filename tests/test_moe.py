@@ -164,3 +164,14 @@ def test_accumulating_into_a_row_slice_equals_adding_the_delta(router):
     got = base.clone()
     assert moe(x, task, 0.5, out=got[..., 20:40]) is not None
     torch.testing.assert_close(got, want)
+
+
+def test_converted_copy_leaves_the_original_untouched():
+    cfg = MoEConfig(num_experts=3, rank=2, alpha=2.0, shared_expert=True)
+    moe = _random_moe(cfg)
+    copy = moe.converted(dtype=torch.float32, forced_weights=[0, 1, 0])
+    assert copy.lora_A.dtype == torch.float32 and moe.lora_A.dtype == torch.float64
+    assert moe.forced_weights is None and copy.forced_weights.tolist() == [0, 1, 0]
+    x = torch.randn(4, 24, dtype=torch.float64)
+    want = x @ moe.lora_A[1].T @ moe.lora_B[1].T + x @ moe.shared_A.T @ moe.shared_B.T
+    torch.testing.assert_close(copy(x.float()).double(), want, rtol=1e-4, atol=1e-5)

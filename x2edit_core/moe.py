@@ -283,6 +283,28 @@ class MoELoRA(nn.Module):
             start += c
         return out
 
+    def converted(self, dtype=None, device=None, forced_weights=None) -> MoELoRA:
+        """A new module with the same config and weights cast to ``dtype``/``device``; ``self`` is untouched
+        (loaded files are cached and shared, so per-use settings never mutate them)."""
+
+        def conv(t):
+            return None if t is None else t.detach().to(device=device, dtype=dtype)
+
+        new = MoELoRA.from_tensors(
+            self.config,
+            conv(self.lora_A),
+            conv(self.lora_B),
+            router=conv(self.router_weight),
+            shared_A=conv(self.shared_A),
+            shared_B=conv(self.shared_B),
+        )
+        new.forced_weights = self.forced_weights
+        if forced_weights is not None:
+            new.set_forced_weights(forced_weights)
+        return new
+
+    # -- merging -------------------------------------------------------------------------------------
+
     def _merged_factors(self, include_shared: bool, weights=None):
         w = self.forced_weights if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         if w is None:
