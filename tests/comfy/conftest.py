@@ -33,13 +33,6 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-def pytest_report_header(config):
-    install = find_comfyui()
-    if install.available:
-        return f"ComfyUI tier: {install.root} (python {install.python})"
-    return install.missing_reason
-
-
 @pytest.fixture(scope="session")
 def comfy_install():
     install = find_comfyui()
