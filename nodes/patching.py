@@ -30,7 +30,7 @@ import comfy.patcher_extension
 import torch
 
 from ..x2edit_core.errors import ConfigError, ModelMismatchError
-from ..x2edit_core.formats import LoadedAdapters
+from ..x2edit_core.formats import X2EDIT_TASK_FILE, LoadedAdapters
 from ..x2edit_core.placement import APPLY_OUTPUT, comfy_target
 
 log = logging.getLogger("x2edit")
@@ -248,7 +248,7 @@ def apply_adapters(
         weights = forced_weights_for(routing, adapter.moe.config.num_experts, expert_index, expert_weights)
         if weights is None and adapter.moe.config.router == "task" and loaded.task_embedding is None:
             raise ConfigError(
-                f"{adapter.module}: task-aware experts need the task embeddings ({'task_embeddings.bin'}), "
+                f"{adapter.module}: task-aware experts need the task embeddings ({X2EDIT_TASK_FILE}), "
                 "which this file lacks; pick the checkpoint folder's lora.safetensors next to it, or use a "
                 "forced routing mode"
             )

@@ -307,9 +307,8 @@ def _load_x2edit(folder: str | None, header: SafetensorsHeader) -> LoadedAdapter
             where = f"{kind}.{index} {which}_moe_lora"
             if kind == "single_transformer_blocks" and which == "proj":
                 raise FormatError(f"{fname}: {where}: single blocks have no attention output projection")
-            for need in ("gate",):
-                if need not in g:
-                    raise FormatError(f"{fname}: {where}: missing the {need} weight")
+            if "gate" not in g:
+                raise FormatError(f"{fname}: {where}: missing the gate weight")
             downs = _expert_keys(header, g["down"], where + " experts.*.down")
             ups = _expert_keys(header, g["up"], where + " experts.*.up")
             if len(downs) != len(ups) or not downs:
