@@ -85,7 +85,7 @@ def main() -> None:
     import tiny_models
     from x2edit.nodes.early_filter import run_early_filter, schedule_sigmas
     from x2edit.x2edit_core.early_filter import make_plan
-    from x2edit.x2edit_core.judge import Judge, JudgeVerdict
+    from x2edit.x2edit_core.judges import Judge, JudgeVerdict
 
     class KeepFirstJudge(Judge):
         """A trivial judge: always keeps the current best, instantly (judge time is not the subject)."""

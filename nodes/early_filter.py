@@ -32,7 +32,7 @@ import torch
 
 from ..x2edit_core.early_filter import EarlyFilterPlan, format_filter_report
 from ..x2edit_core.errors import ConfigError
-from ..x2edit_core.judge import Judge, LocalVLMJudge, image_to_pil
+from ..x2edit_core.judges import Judge, LocalVLMJudge, image_to_pil
 from ..x2edit_core.selection import select_best, to_judge_image
 
 __all__ = ["EarlyFilterResult", "run_early_filter", "schedule_sigmas"]

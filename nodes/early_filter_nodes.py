@@ -1,6 +1,6 @@
 """Early-filter nodes: VLM judges (local folder or served API) and the early-filter sampler.
 
-The judges are in x2edit_core.judge, the selection in x2edit_core.selection, the planning maths in
+The judges are in x2edit_core.judges, the selection in x2edit_core.selection, the planning maths in
 x2edit_core.early_filter and the ComfyUI sampling glue in nodes/early_filter.py.
 """
 
@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..x2edit_core.early_filter import MODES, SEED_MODULUS, make_plan
 from ..x2edit_core.errors import JudgeConfigError
-from ..x2edit_core.judge import LocalVLMJudge, ServedJudge
+from ..x2edit_core.judges import LocalVLMJudge, ServedJudge
 from ..x2edit_core.selection import JUDGE_VIEWS
 from .early_filter import run_early_filter
 

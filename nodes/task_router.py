@@ -14,8 +14,9 @@ import re
 from comfy_api.latest import io
 
 from ..x2edit_core.errors import ConfigError
+from ..x2edit_core.models.task_lm import LocalLMClassifier
 from ..x2edit_core.prompt import EmptyInstructionError
-from ..x2edit_core.tasks import AUTO, LocalLMClassifier, resolve_task, task_choices, task_id
+from ..x2edit_core.tasks import AUTO, resolve_task, task_choices, task_id
 from .patching import FORCED_OPTION, TASK_OPTION
 
 log = logging.getLogger("x2edit")

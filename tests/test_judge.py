@@ -1,4 +1,4 @@
-"""Early-filter judges (x2edit_core.judge): answer parsing, prompt, served and local judges."""
+"""Early-filter judges (x2edit_core.judges): answer parsing, prompt, served and local judges."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vlm_fixtures import (
 )
 
 from x2edit_core.errors import JudgeConfigError, JudgeRequestError, JudgeUnavailableError
-from x2edit_core.judge import (
+from x2edit_core.judges import (
     DEFAULT_JUDGE_PROMPT,
     IMAGE_LABELS,
     JudgeVerdict,

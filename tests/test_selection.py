@@ -15,7 +15,7 @@ from x2edit_core.errors import (
     JudgeUnavailableError,
     SelectionInterrupted,
 )
-from x2edit_core.judge import Judge, JudgeVerdict
+from x2edit_core.judges import Judge, JudgeVerdict
 from x2edit_core.selection import (
     BEST_KEPT,
     CHALLENGER_WINS,

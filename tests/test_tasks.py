@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from x2edit_core.models.task_lm import LocalLMClassifier
 from x2edit_core.tasks import (
     AUTO,
     TASK_NAMES,
     TASKS,
     ClassifierError,
-    LocalLMClassifier,
     UnknownTaskError,
     build_lm_prompt,
     classify_instruction,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from x2edit_core import run_cli
 from x2edit_core.prompt import IC_PROMPT_TEMPLATE
-from x2edit_core.workflow_api import (
+from x2edit_core.run import cli as run_cli
+from x2edit_core.run.workflow_api import (
     CONTROL_VALUES,
     ComfyAPI,
     ComfyServerError,
@@ -125,7 +125,7 @@ def test_shipped_workflow_is_a_consistent_ui_graph(path):
 
 
 def _inputs(kind):
-    from x2edit_core.workflow_api import node_inputs
+    from x2edit_core.run.workflow_api import node_inputs
 
     return node_inputs(OBJECT_INFO[kind])
 

@@ -18,7 +18,7 @@ class ConfigError(X2EditError, ValueError):
 
 
 class JudgeError(X2EditError):
-    """Base class of the early-filter judge errors (x2edit_core.judge)."""
+    """Base class of the early-filter judge errors (x2edit_core.judges)."""
 
 
 class JudgeConfigError(JudgeError, ValueError):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, JudgeConfigError, SelectionInterrupted
-from .judge import Judge, JudgeVerdict, image_to_pil
+from .judges.base import Judge, JudgeVerdict, image_to_pil
 
 __all__ = [
     "Comparison",

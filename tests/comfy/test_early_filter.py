@@ -358,7 +358,7 @@ def test_early_filter_workflow_runs_with_tiny_models(comfy, tmp_path):
     from lora_files import icedit_state_dict
     from PIL import Image
 
-    from x2edit_core.workflow_api import check_combo_values, workflow_to_prompt
+    from x2edit_core.run.workflow_api import check_combo_values, workflow_to_prompt
 
     workflow = json.loads(WORKFLOW.read_text())
     info = comfy.object_info()

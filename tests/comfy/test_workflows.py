@@ -15,8 +15,8 @@ from comfy_harness import REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
-from x2edit_core import run_cli
-from x2edit_core.workflow_api import widget_value_mismatches, workflow_to_prompt
+from x2edit_core.run import cli as run_cli
+from x2edit_core.run.workflow_api import widget_value_mismatches, workflow_to_prompt
 
 WORKFLOWS = ("icedit_normal_lora", "icedit_moe_lora", "x2edit_task_routed")
 

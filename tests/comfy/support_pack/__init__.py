@@ -273,9 +273,9 @@ def _x2edit_judge_module():
     # The x2edit pack is loaded by ComfyUI under its folder name; find its judge module at call time
     # so the verdict is the pack's own JudgeVerdict class whatever the load order.
     for name, module in list(sys.modules.items()):
-        if name.endswith("x2edit_core.judge") and hasattr(module, "JudgeVerdict"):
+        if name.endswith("x2edit_core.judges.base") and hasattr(module, "JudgeVerdict"):
             return module
-    raise RuntimeError("X2EditTestScriptedJudge: the x2edit pack's x2edit_core.judge is not loaded")
+    raise RuntimeError("X2EditTestScriptedJudge: the x2edit pack's x2edit_core.judges.base is not loaded")
 
 
 class ScriptedJudge:

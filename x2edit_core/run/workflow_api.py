@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import X2EditError
+from ..errors import X2EditError
 
 # --------------------------------------------------------------------------------------------------
 # Errors

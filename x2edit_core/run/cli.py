@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import X2EditError
+from ..errors import X2EditError
 from .workflow_api import (
     MODEL_ROLES,
     ComfyAPI,

@@ -1,0 +1,36 @@
+"""VLM judges for the early filter: which of two edits is better.
+
+`base` holds the interface, the prompt and answer parsing (no optional dependency); `served` speaks to
+an OpenAI-compatible chat-completions server; `local` runs a transformers VLM folder and imports
+transformers only when it loads a model.
+"""
+
+from .base import (
+    DEFAULT_JUDGE_PROMPT,
+    IMAGE_LABELS,
+    Judge,
+    JudgeVerdict,
+    build_judge_prompt,
+    image_to_pil,
+    limit_image_side,
+    parse_choice,
+    validate_prompt_template,
+    verdict_from_answer,
+)
+from .local import LocalVLMJudge
+from .served import ServedJudge
+
+__all__ = [
+    "DEFAULT_JUDGE_PROMPT",
+    "IMAGE_LABELS",
+    "Judge",
+    "JudgeVerdict",
+    "LocalVLMJudge",
+    "ServedJudge",
+    "build_judge_prompt",
+    "image_to_pil",
+    "limit_image_side",
+    "parse_choice",
+    "validate_prompt_template",
+    "verdict_from_answer",
+]

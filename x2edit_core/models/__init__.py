@@ -1,0 +1,1 @@
+"""Local model loading (transformers folders); each module imports its heavy dependencies lazily."""

@@ -1,0 +1,1 @@
+"""`x2edit-run`: run a ComfyUI workflow from the command line (UI -> API conversion, HTTP client)."""
