@@ -11,9 +11,9 @@ for p in (HERE, os.path.dirname(HERE)):
 def pytest_report_header(config):
     """Say up front whether the ComfyUI tier (tests/comfy) runs, and against which checkout."""
     sys.path.insert(0, os.path.join(HERE, "comfy"))
-    from comfy_harness import find_comfyui
+    from comfy_harness import comfyui_version, find_comfyui
 
     install = find_comfyui()
     if install.available:
-        return f"ComfyUI tier: runs against {install.root} (python {install.python})"
+        return f"ComfyUI tier: runs against ComfyUI {comfyui_version(install.root)} at {install.root}"
     return install.missing_reason

@@ -96,11 +96,40 @@ class ComfyInstall:
         return ""
 
 
+def host_roots() -> list[Path]:
+    """ComfyUI releases laid out by scripts/setup_hosts.sh (X2EDIT_HOSTS_DIR), oldest release first."""
+    base = Path(os.environ.get("X2EDIT_HOSTS_DIR") or Path.home() / ".cache" / "x2edit" / "hosts")
+    roots = [p for p in base.glob("ComfyUI-*") if (p / "main.py").is_file() and any(p.glob(".x2edit-host-*"))]
+    return sorted(roots, key=lambda p: tuple(int(x) if x.isdigit() else 0 for x in p.name[8:].split(".")))
+
+
 def find_comfyui() -> ComfyInstall:
-    """ComfyUI at COMFYUI_ROOT (default /opt/ComfyUI), run by COMFYUI_PYTHON (default ROOT/.venv)."""
-    root = Path(os.environ.get("COMFYUI_ROOT") or DEFAULT_COMFYUI_ROOT)
+    """ComfyUI at COMFYUI_ROOT, else the newest release laid out by scripts/setup_hosts.sh, else
+    /opt/ComfyUI; run by COMFYUI_PYTHON (default ROOT/.venv/bin/python)."""
+    if os.environ.get("COMFYUI_ROOT"):
+        root = Path(os.environ["COMFYUI_ROOT"])
+    else:
+        hosts = host_roots()
+        root = hosts[-1] if hosts else Path(DEFAULT_COMFYUI_ROOT)
     python = Path(os.environ.get("COMFYUI_PYTHON") or root / ".venv" / "bin" / "python")
     return ComfyInstall(root, python)
+
+
+def comfyui_version(root: Path) -> str:
+    """The release of the checkout at `root` (comfyui_version.py), or "unknown"."""
+    try:
+        text = (Path(root) / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
+def comfyui_required() -> bool:
+    """X2EDIT_REQUIRE_COMFYUI=1 (on in CI) turns a missing ComfyUI tier into an error."""
+    return os.environ.get("X2EDIT_REQUIRE_COMFYUI", "").strip().lower() in ("1", "true", "yes")
 
 
 def free_port() -> int:
@@ -191,7 +220,6 @@ class ComfyServer:
             "--disable-auto-launch",
             "--preview-method",
             "none",
-            "--cache-none",
             "--database-url",
             "sqlite:///:memory:",
             *self.extra_args,

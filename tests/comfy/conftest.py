@@ -1,8 +1,9 @@
 """ComfyUI test tier: tests here drive one real headless ComfyUI (started once per session).
 
-Every test under tests/comfy/ gets the `comfyui` marker; the whole tier is skipped, with the reason,
-when no ComfyUI checkout is found (COMFYUI_ROOT, default /opt/ComfyUI; COMFYUI_PYTHON, default
-ROOT/.venv/bin/python). Fixtures: `comfy_install`, `comfy_server`, `comfy` (a ComfyClient).
+Every test under tests/comfy/ gets the `comfyui` marker. The checkout is COMFYUI_ROOT, else the newest
+release laid out by scripts/setup_hosts.sh, else /opt/ComfyUI (its Python: COMFYUI_PYTHON, default
+ROOT/.venv/bin/python). Without one the tier is skipped with the reason, or fails when
+X2EDIT_REQUIRE_COMFYUI=1 (CI). Servers run with ComfyUI's default caching, as users have it. Fixtures: `comfy_install`, `comfy_server`, `comfy` (a ComfyClient).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ TIER_DIR = Path(__file__).resolve().parent
 if str(TIER_DIR) not in sys.path:  # also works under --import-mode=importlib
     sys.path.insert(0, str(TIER_DIR))
 
-from comfy_harness import ComfyClient, ComfyServer, find_comfyui  # noqa: E402
+from comfy_harness import ComfyClient, ComfyServer, comfyui_required, find_comfyui  # noqa: E402
 
 
 def pytest_configure(config):
@@ -25,6 +26,13 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     install = find_comfyui()
+    if not install.available and comfyui_required() and any(
+        TIER_DIR in Path(str(item.path)).resolve().parents for item in items
+    ):
+        raise pytest.UsageError(
+            f"{install.missing_reason}; X2EDIT_REQUIRE_COMFYUI is set, so a missing ComfyUI tier is an "
+            "error (run scripts/setup_hosts.sh, or point COMFYUI_ROOT at a checkout)"
+        )
     skip = None if install.available else pytest.mark.skip(reason=install.missing_reason)
     for item in items:
         if TIER_DIR in Path(str(item.path)).resolve().parents:
