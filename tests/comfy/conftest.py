@@ -3,7 +3,8 @@
 Every test under tests/comfy/ gets the `comfyui` marker. The checkout is COMFYUI_ROOT, else the newest
 release laid out by scripts/setup_hosts.sh, else /opt/ComfyUI (its Python: COMFYUI_PYTHON, default
 ROOT/.venv/bin/python). Without one the tier is skipped with the reason, or fails when
-X2EDIT_REQUIRE_COMFYUI=1 (CI). Servers run with ComfyUI's default caching, as users have it. Fixtures: `comfy_install`, `comfy_server`, `comfy` (a ComfyClient).
+X2EDIT_REQUIRE_COMFYUI=1 (CI). Servers run with ComfyUI's default caching, as users have it.
+Fixtures: `comfy_install`, `comfy_server`, `comfy` (a ComfyClient).
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     install = find_comfyui()
-    if not install.available and comfyui_required() and any(
-        TIER_DIR in Path(str(item.path)).resolve().parents for item in items
+    if (
+        not install.available
+        and comfyui_required()
+        and any(TIER_DIR in Path(str(item.path)).resolve().parents for item in items)
     ):
         raise pytest.UsageError(
             f"{install.missing_reason}; X2EDIT_REQUIRE_COMFYUI is set, so a missing ComfyUI tier is an "
