@@ -21,7 +21,7 @@ from .base import (
     verdict_from_answer,
 )
 from .local import LocalVLMJudge
-from .served import ServedJudge
+from .served import ServedJudge, check_served_judge_settings
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPT",
@@ -34,6 +34,7 @@ __all__ = [
     "LocalVLMJudge",
     "ServedJudge",
     "build_judge_prompt",
+    "check_served_judge_settings",
     "image_to_pil",
     "limit_image_side",
     "parse_choice",
