@@ -164,24 +164,3 @@ def reference_hidden_states(model, input_ids: torch.Tensor, attention_mask: torc
         for m, inv in saved.items():
             m.inv_freq = inv
     return torch.stack(out.hidden_states, dim=1)
-
-
-def tiny_alignnet_state_dict(
-    num_states: int, in_dim: int, out_dim: int = 48, pooled_dim: int = 24, seed: int = 0
-):
-    """Random AlignNet weights in X2Edit's key layout (widths free)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    return {
-        "conv.weight": rnd(1, num_states, 5, 5, scale=0.1),
-        "conv.bias": rnd(1, scale=0.1),
-        "mlp.layernorm.weight": 1.0 + rnd(in_dim, scale=0.1),
-        "mlp.layernorm.bias": rnd(in_dim, scale=0.1),
-        "mlp.projector.0.weight": rnd(out_dim, in_dim, scale=in_dim**-0.5),
-        "mlp.projector.2.weight": rnd(out_dim, out_dim, scale=out_dim**-0.5),
-        "mlp.fc.1.weight": rnd(pooled_dim, out_dim, scale=out_dim**-0.5),
-        "mlp.fc.1.bias": rnd(pooled_dim, scale=0.1),
-    }
