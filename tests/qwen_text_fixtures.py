@@ -164,3 +164,15 @@ def reference_hidden_states(model, input_ids: torch.Tensor, attention_mask: torc
         for m, inv in saved.items():
             m.inv_freq = inv
     return torch.stack(out.hidden_states, dim=1)
+
+
+def reference_alignnet(sd, states, eps=1e-6):
+    """X2Edit's AlignNet in plain torch: conv(states -> 1, k5, pad 2) -> LayerNorm -> Linear -> GELU ->
+    Linear = embeds; pooled = mean over tokens of Linear(GELU(embeds)) (with bias)."""
+    import torch.nn.functional as F
+
+    x = F.conv2d(states, sd["conv.weight"], sd["conv.bias"], padding=2)[:, 0]
+    x = F.layer_norm(x, (x.shape[-1],), sd["mlp.layernorm.weight"], sd["mlp.layernorm.bias"], eps)
+    embeds = F.linear(F.gelu(F.linear(x, sd["mlp.projector.0.weight"])), sd["mlp.projector.2.weight"])
+    pooled = F.linear(F.gelu(embeds), sd["mlp.fc.1.weight"], sd["mlp.fc.1.bias"]).mean(dim=1)
+    return embeds, pooled

@@ -2,22 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 from lora_files import alignnet_state_dict
+from qwen_text_fixtures import reference_alignnet
 from safetensors.torch import save_file
 
 from x2edit_core.alignnet import AlignNet, alignnet_from_state_dict, load_alignnet
 from x2edit_core.errors import FormatError
-
-
-def reference_alignnet(sd, states, eps=1e-6):
-    """conv(states -> 1, k5, pad 2) -> LayerNorm -> Linear -> GELU -> Linear = embeds;
-    pooled = mean over tokens of Linear(GELU(embeds)) (with bias)."""
-    x = F.conv2d(states, sd["conv.weight"], sd["conv.bias"], padding=2)[:, 0]
-    x = F.layer_norm(x, (x.shape[-1],), sd["mlp.layernorm.weight"], sd["mlp.layernorm.bias"], eps)
-    embeds = F.linear(F.gelu(F.linear(x, sd["mlp.projector.0.weight"])), sd["mlp.projector.2.weight"])
-    pooled = F.linear(F.gelu(embeds), sd["mlp.fc.1.weight"], sd["mlp.fc.1.bias"]).mean(dim=1)
-    return embeds, pooled
 
 
 @pytest.mark.parametrize(
