@@ -393,3 +393,30 @@ class X2EditTestModelForward:
 
 NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
+
+
+# --- fixed conditioning from a file (appended for tests/comfy/test_x2edit_condition.py) ---
+
+
+class X2EditTestLoadConditioning:
+    """CONDITIONING from `cond` [B, T, D], `pooled` [B, P] and optional `guidance` [1] tensors in a
+    safetensors file of the input directory, so tests can feed the same text to a reference model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "conditioning.safetensors"})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, filename):
+        tensors = load_file(os.path.join(folder_paths.get_input_directory(), filename))
+        extra = {"pooled_output": tensors["pooled"]}
+        if "guidance" in tensors:
+            extra["guidance"] = float(tensors["guidance"].item())
+        return ([[tensors["cond"], extra]],)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestLoadConditioning"] = X2EditTestLoadConditioning
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestLoadConditioning"] = "X2Edit Test Load Conditioning"
