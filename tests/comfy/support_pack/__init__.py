@@ -44,6 +44,8 @@ def _flux_widths_from_shapes(state_dict, key_prefix):
         "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
         "final": f"{key_prefix}final_layer.linear.weight",
     }
+    if keys["head"] not in state_dict:  # newer releases name the RMSNorm gain "weight" (diffusers conversion)
+        keys["head"] = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.weight"
     if any(k not in state_dict for k in keys.values()):
         return None
     hidden = state_dict[keys["img_in"]].shape[0]
