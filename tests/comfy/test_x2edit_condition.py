@@ -10,6 +10,7 @@ batches of 1, the early filter and an fp8 base.
 """
 
 import math
+from pathlib import Path
 
 import lora_files
 import pytest
@@ -510,3 +511,64 @@ def test_size_mismatch_and_wrong_model_are_refused(comfy, x2c):
     add_forward(prompt, "10", ["1", 0], "b2")
     with pytest.raises(ComfyExecutionError, match="16 latent channels"):
         comfy.run(prompt)
+
+
+# --- the shipped workflow, through x2edit-run ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workflow_models(comfy):
+    """Tiny stand-ins for every model of workflows/x2edit_edit.json: FLUX dev, VAE, an X2Edit folder with
+    its AlignNet, and a Qwen2.5-VL text encoder in ComfyUI's layout."""
+    from lora_files import alignnet_state_dict
+    from qwen_text_fixtures import build_tiny_qwen25vl, comfy_state_dict
+
+    folder = comfy.loras_dir / "x2c_wf"
+    lora_files.write_x2edit_dir(
+        folder, with_alignnet=False, hidden=64, num_double=2, num_single=2, experts=3, rank=4, std=0.1
+    )
+    torch.save(
+        alignnet_state_dict(num_states=4, in_dim=128, out_dim=32, pooled_dim=16, seed=3),
+        str(folder / "diffusion_pytorch_model.bin"),
+    )
+    comfy.add_file(
+        "text_encoders", "x2c_tiny_qwen25vl.safetensors", comfy_state_dict(build_tiny_qwen25vl(seed=2))
+    )
+    return [
+        "--model",
+        f"unet={comfy.models['dev']}",
+        "--model",
+        f"vae={comfy.models['vae']}",
+        "--model",
+        "lora=x2c_wf/lora.safetensors",
+        "--set",
+        "CLIPLoader.clip_name=x2c_tiny_qwen25vl.safetensors",
+        "--set",
+        "X2EditTextEncode.alignnet=x2c_wf/diffusion_pytorch_model.bin",
+        "--set",
+        "KSampler.steps=2",
+    ]
+
+
+@pytest.mark.parametrize("mode", ["keep aspect", "512 centre crop"])
+def test_x2edit_edit_workflow_runs_through_x2edit_run(comfy, workflow_models, tmp_path, capsys, mode):
+    from PIL import Image
+
+    from x2edit_core.run import cli as run_cli
+
+    source = tmp_path / "source.png"
+    pixels = (torch.rand((50, 77, 3), generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(source)
+    output = tmp_path / "edited.png"
+    workflow = str(Path(__file__).resolve().parents[2] / "workflows" / "x2edit_edit.json")
+    args = [workflow, "--url", comfy.url, "--image", str(source), "--instruction", "make the car red"]
+    args += ["--output", str(output), "--seed", "3", *workflow_models]
+    args += ["--set", f"X2EditPrepareSource.mode={mode}", "--set", "X2EditPrepareSource.size=256"]
+    code = run_cli.main(args)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.strip() == str(output)
+    with Image.open(output) as result:
+        assert result.size == (77, 50)  # back at the source's size (the crop pasted into the source)
+    assert "step 2/2" in err
+    assert "Chosen task: color_change" in err

@@ -391,7 +391,11 @@ MODEL_FOLDERS = {
     "CLIPLoader": "models/text_encoders",
     "CheckpointLoaderSimple": "models/checkpoints",
 }
-INSTRUCTION_INPUTS = (("X2EditICPrompt", "instruction"), ("X2EditTaskRouter", "instruction"))
+INSTRUCTION_INPUTS = (
+    ("X2EditICPrompt", "instruction"),
+    ("X2EditTaskRouter", "instruction"),
+    ("X2EditTextEncode", "instruction"),
+)
 IMAGE_INPUTS = (("LoadImage", "image"),)
 
 
