@@ -107,6 +107,12 @@ def test_loader_listed_with_tooltips(comfy, icedit):
     assert info["output"] == ["MODEL", "STRING"]
 
 
+def test_nodes_use_the_versioned_comfy_api_where_the_host_has_one(comfy):
+    versioned = (comfy.server.install.root / "comfy_api" / "v0_0_2").is_dir()
+    expected = "comfy_api.v0_0_2" if versioned else "comfy_api.latest"
+    assert f"x2edit: nodes on {expected}" in comfy.log()
+
+
 def test_strength_zero_is_exactly_no_lora(comfy, icedit, baseline):
     assert torch.equal(_run(comfy, "s0", [_moe(icedit["moe"], strength=0.0)]), baseline)
 
