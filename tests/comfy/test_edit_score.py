@@ -107,7 +107,7 @@ def test_served_judge_scores_and_unusable_answers_sort_last(comfy):
         chat_reply('{"SC": [4, 6], "PQ": 9, "reason": "weak"}'),
         chat_reply("no idea"),
         chat_reply("SC: 9\nPQ: 8\nstrong edit"),
-        chat_reply("score 6/10"),
+        chat_reply("score 5/10"),
     ]
     with FakeChatServer(replies) as server:
         entry = comfy.run(score_prompt(served_judge(server.base_url), prefix="es/served"))
@@ -117,10 +117,11 @@ def test_served_judge_scores_and_unusable_answers_sort_last(comfy):
     assert [p["text"] for p in parts if p["type"] == "text"][:2] == ["Source image:", "Edited image:"]
     assert INSTRUCTION in parts[-1]["text"] and '"SC"' in parts[-1]["text"]
     edits, ranked = saved(comfy, entry, "7"), saved(comfy, entry, "5")
-    torch.testing.assert_close(ranked, edits[[2, 3, 0, 1]], atol=0, rtol=0)
+    torch.testing.assert_close(ranked, edits[[2, 0, 3, 1]], atol=0, rtol=0)
     report = entry["outputs"]["4"]["text"][0]
     assert "1. edit 2: O 8.49 (SC 9, PQ 8)" in report
-    assert "3. edit 0: O 4.90 (SC 4, PQ 9): weak" in report
+    assert "2. edit 0: O 6.00 (SC 4, PQ 9): weak" in report
+    assert "3. edit 3: O 5.00: score 5/10" in report
     assert "4. edit 1: unusable answer: 'no idea'" in report
     assert "WARNING: 1 edit(s) could not be scored." in report
 
