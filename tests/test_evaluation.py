@@ -306,7 +306,7 @@ def test_outputs_csv_summary_and_self_contained_html(dataset, tiny_models, tmp_p
         assert outside not in page, outside  # nothing fetched from anywhere
     assert "<b>scripted</b>" not in page and html.escape("<b>scripted</b>") in page  # judge text escaped
     for task in ("color", "remove"):
-        assert f"<td>{task}</td>" in page
+        assert f'<td class="text">{task}</td>' in page
     assert "CLIP-T" in page and 'class="sortable"' in page
 
 
