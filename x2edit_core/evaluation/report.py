@@ -110,7 +110,8 @@ def _summary_table(title: str, rows: list[tuple[str, dict]], metrics: list[str])
         )
         problems = block["judge_errors"] + block["judge_unusable"]
         body.append(
-            f'<tr><td class="text">{html.escape(name)}</td><td data-v="{block["samples"]}">{block["samples"]}</td>{cells}'
+            f'<tr><td class="text">{html.escape(name)}</td>'
+            f'<td data-v="{block["samples"]}">{block["samples"]}</td>{cells}'
             f'<td data-v="{problems}">{problems}</td></tr>'
         )
     return (
