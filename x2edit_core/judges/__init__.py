@@ -1,15 +1,18 @@
 """VLM judges: which of two edits is better (early filter), and how good one edit is (scoring).
 
 `base` holds the interface, the prompt and answer parsing (no optional dependency); `scoring` the
-pointwise (VIEScore-style) prompt, parsing and scoring loop; `served` speaks to
-an OpenAI-compatible chat-completions server; `local` runs a transformers VLM folder and imports
-transformers only when it loads a model.
+pointwise (VIEScore-style) prompt, parsing and scoring loop; `served` speaks to an OpenAI-compatible
+chat-completions server, with `api_keys` deciding which key it may send where; `local` runs a
+transformers VLM folder and imports transformers only when it loads a model.
 """
 
 from .base import (
     DEFAULT_JUDGE_PROMPT,
     IMAGE_LABELS,
     Judge,
+    JudgeConnectionError,
+    JudgeDeadlineError,
+    JudgeFailedError,
     JudgeVerdict,
     build_judge_prompt,
     image_to_pil,
@@ -41,6 +44,9 @@ __all__ = [
     "score_edits",
     "IMAGE_LABELS",
     "Judge",
+    "JudgeConnectionError",
+    "JudgeDeadlineError",
+    "JudgeFailedError",
     "JudgeVerdict",
     "LocalVLMJudge",
     "ServedJudge",
