@@ -1,6 +1,6 @@
 """Writers of LoRA/MoE files in other projects' layouts (ICEdit, X2Edit), for tests and benchmarks.
 
-The layouts follow REFERENCE.md: key names and shapes as ICEdit's and X2Edit's saving code writes them.
+Key names and shapes are those ICEdit's and X2Edit's saving code writes (described in docs/reference.md).
 Sizes are parameters so tests can make tiny files and the benchmark a full-size one.
 """
 
