@@ -77,6 +77,17 @@ class X2EditEditScore(io.ComfyNode):
                 io.String.Input(
                     "prompt", default="", multiline=True, optional=True, tooltip=SCORE_PROMPT_TOOLTIP
                 ),
+                io.Float.Input(
+                    "judge_deadline",
+                    default=600.0,
+                    min=1.0,
+                    max=86400.0,
+                    step=1.0,
+                    optional=True,
+                    tooltip="Seconds for all scoring calls together (every call and retry). Edits not yet "
+                    "scored when it passes are left unscored (a warning); if nothing was scored the node "
+                    "stops with an error.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The edits sorted best first."),
@@ -102,7 +113,9 @@ class X2EditEditScore(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, images, source_image, instruction, judge, judge_view, prompt="") -> io.NodeOutput:
+    def execute(
+        cls, images, source_image, instruction, judge, judge_view, prompt="", judge_deadline=600.0
+    ) -> io.NodeOutput:
         if images.ndim != 4 or images.shape[0] < 1:
             raise ConfigError(
                 f"The edits must be an IMAGE batch [B, H, W, C], got shape {tuple(images.shape)}."
@@ -122,6 +135,7 @@ class X2EditEditScore(io.ComfyNode):
                 prompt_template=template,
                 progress=lambda done, total: bar.update_absolute(done, total),
                 should_stop=comfy.model_management.throw_exception_if_processing_interrupted,
+                deadline_s=float(judge_deadline),
             )
         finally:
             release = getattr(judge, "release", None)
@@ -132,20 +146,19 @@ class X2EditEditScore(io.ComfyNode):
         sorted_images = images[order]
         scores = [calls[i].overall if calls[i].overall is not None else UNSCORED for i in order]
         describe = getattr(judge, "describe", None)
-        lines = [
+        lines = [f"WARNING: {warning}" for warning in result.warnings]
+        lines += [
             f"X2Edit edit scores by {describe() if callable(describe) else type(judge).__name__} "
             f"({count} edit(s), best first; O = sqrt(SC*PQ)):"
         ]
         for rank, index in enumerate(order, start=1):
             lines.append(format_score_line(f"{rank}. edit {index}", calls[index]))
         lines.append(
-            f"Judge calls: {len(calls)}, unusable answers: {result.unusable_answers}, judge errors: "
-            f"{result.judge_errors}, judge time: {result.judge_seconds:.1f} s."
+            f"Judge calls: {len(calls) - result.skipped_calls}, unusable answers: "
+            f"{result.unusable_answers}, judge errors: {result.judge_errors}, "
+            + (f"not asked (deadline): {result.skipped_calls}, " if result.skipped_calls else "")
+            + f"judge time: {result.judge_seconds:.1f} s."
         )
-        if result.unusable_answers + result.judge_errors:
-            lines.append(
-                f"WARNING: {result.unusable_answers + result.judge_errors} edit(s) could not be scored."
-            )
         report = "\n".join(lines)
         return io.NodeOutput(sorted_images, scores, list(order), report, ui=ui.PreviewText(report))
 

@@ -16,7 +16,7 @@ import transformers
 from PIL import Image
 from vlm_fixtures import FakeChatServer, chat_reply
 
-from x2edit_core.errors import ConfigError, JudgeUnavailableError
+from x2edit_core.errors import ConfigError
 from x2edit_core.evaluation import (
     ClipEmbedder,
     DinoEmbedder,
@@ -26,7 +26,7 @@ from x2edit_core.evaluation import (
     samples_from_folders,
 )
 from x2edit_core.evaluation.cli import main as eval_main
-from x2edit_core.judges import Judge, edit_score_from_answer
+from x2edit_core.judges import Judge, JudgeConnectionError, JudgeFailedError, edit_score_from_answer
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +123,8 @@ class ScriptedScoreJudge(Judge):
 
     def score(self, source, edited, instruction, *, prompt_template=None):
         self.calls += 1
+        if "refused" in instruction:
+            raise JudgeConnectionError("connection refused")
         if "fail" in instruction:
             raise ConnectionError("judge server unreachable")
         if "mumble" in instruction:
@@ -346,7 +348,7 @@ def test_resume_skips_scored_samples_and_retries_judge_errors(dataset, tiny_mode
     assert record["clip_t"] is not None
     assert run.summary["all"]["judge_errors"] == 1
     judge = ScriptedScoreJudge()
-    with pytest.raises(JudgeUnavailableError, match="first 1 judge calls all failed"):
+    with pytest.raises(JudgeFailedError, match=r"first 1 judge call\(s\) all failed"):
         evaluate(changed, out, clip=ClipEmbedder(clip_dir, "cpu"), judge=judge, progress=False)
     assert judge.calls == 1  # only the failed one was retried
     # Other models in the same folder are refused instead of mixed in.
@@ -360,9 +362,14 @@ def test_resume_skips_scored_samples_and_retries_judge_errors(dataset, tiny_mode
 def test_judge_failures(dataset, tmp_path):
     samples = load_manifest(dataset)
     failing = [type(s)(**{**s.__dict__, "instruction": "fail"}) for s in samples]
-    with pytest.raises(JudgeUnavailableError, match="first 6 judge calls all failed.*unreachable"):
+    with pytest.raises(JudgeFailedError, match=r"first 6 judge call\(s\) all failed.*unreachable"):
         evaluate(failing, tmp_path / "out", judge=ScriptedScoreJudge(), progress=False)
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 6  # L1/L2 kept
+    refused = [type(s)(**{**s.__dict__, "instruction": "refused"}) for s in samples]
+    judge = ScriptedScoreJudge()
+    with pytest.raises(JudgeFailedError, match="connection refused"):
+        evaluate(refused, tmp_path / "out4", judge=judge, batch_size=1, progress=False)
+    assert judge.calls == 1  # a first call that cannot connect stops at once
     mumbling = [type(s)(**{**s.__dict__, "instruction": "mumble"}) for s in samples]
     run = evaluate(mumbling, tmp_path / "out2", judge=ScriptedScoreJudge(), progress=False)
     assert run.summary["all"]["judge_unusable"] == 6 and run.summary["all"]["overall"]["count"] == 0

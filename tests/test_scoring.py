@@ -15,6 +15,8 @@ from x2edit_core.judges import (
     SCORE_IMAGE_LABELS,
     EditScore,
     Judge,
+    JudgeConnectionError,
+    JudgeFailedError,
     LocalVLMJudge,
     ServedJudge,
     build_score_prompt,
@@ -167,10 +169,42 @@ def test_rank_order_ties_keep_the_earlier_edit():
     assert rank_order([7.0, 8.0, 7.0, None, 8.0]) == [1, 4, 0, 2, 3]
 
 
-def test_score_edits_stops_when_every_call_fails():
+def test_score_edits_stops_when_no_call_gives_a_usable_score(caplog):
     judge = ListJudge([JudgeUnavailableError("server down"), TimeoutError("slow")])
-    with pytest.raises(JudgeUnavailableError, match="Every one of the 2 scoring calls.*server down"):
+    with pytest.raises(JudgeFailedError, match=r"No scoring call .* \(2 asked, 2 error\(s\).*server down"):
         score_edits(["a", "b"], "src", "x", judge)
+    judge = ListJudge(["hmm", "no idea"])
+    with pytest.raises(JudgeFailedError, match="0 error.*2 unusable answer"):
+        score_edits(["a", "b"], "src", "x", judge)
+    assert "unusable judge answer (edit 0)" in caplog.text  # each problem is logged
+
+
+def test_a_first_call_that_cannot_connect_stops_at_once():
+    judge = ListJudge([JudgeConnectionError("connection refused"), "SC: 1, PQ: 1"])
+    with pytest.raises(JudgeFailedError, match="first judge call could not connect.*connection refused"):
+        score_edits(["a", "b"], "src", "x", judge)
+    assert len(judge.items) == 1  # the second edit was never asked
+    # Later connection failures are ordinary errors: that edit stays unscored.
+    judge = ListJudge(["SC: 2, PQ: 2", JudgeConnectionError("gone")])
+    result = score_edits(["a", "b"], "src", "x", judge)
+    assert result.order == [0, 1] and result.judge_errors == 1
+    assert result.warnings == ["judge call failed (edit 1), left unscored: JudgeConnectionError: gone"]
+
+
+def test_the_deadline_bounds_all_calls():
+    now = [0.0]
+
+    class SlowJudge(ListJudge):
+        def score(self, *args, **kwargs):
+            assert self.deadline == 10.0  # handed to the judge for its own waits
+            now[0] += 6.0
+            return super().score(*args, **kwargs)
+
+    judge = SlowJudge(["SC: 2, PQ: 2", "SC: 9, PQ: 9", "SC: 5, PQ: 5"])
+    result = score_edits(["a", "b", "c"], "src", "x", judge, deadline_s=10.0, clock=lambda: now[0])
+    assert result.overall == [2.0, 9.0, None] and result.skipped_calls == 1 and judge.deadline is None
+    assert result.calls[2].error == "not asked: the judging deadline of 10 s had passed"
+    assert "1 call(s) were not asked" in result.warnings[-1]
 
 
 def test_score_edits_config_error_stops_at_once():
@@ -236,7 +270,7 @@ def test_served_judge_score_failures_follow_the_pairwise_rules():
             judge.score(Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8)), "x")
     with FakeChatServer([ScriptedReply(400, {"error": {"message": "too many images"}})]) as server:
         judge = ServedJudge(server.base_url, "m", max_retries=3, sleep=lambda s: None)
-        with pytest.raises(JudgeConfigError, match="too many images"):
+        with pytest.raises(JudgeConfigError, match="too many images"):  # a 4xx stops at once
             score_edits([Image.new("RGB", (8, 8))], Image.new("RGB", (8, 8)), "x", judge)
         assert len(server.requests) == 1
 

@@ -123,12 +123,15 @@ def test_served_judge_scores_and_unusable_answers_sort_last(comfy):
     assert "2. edit 0: O 6.00 (SC 4, PQ 9): weak" in report
     assert "3. edit 3: O 5.00: score 5/10" in report
     assert "4. edit 1: unusable answer: 'no idea'" in report
-    assert "WARNING: 1 edit(s) could not be scored." in report
+    assert report.startswith("WARNING: unusable judge answer (edit 1), left unscored: 'no idea'")
 
 
 def test_every_call_failing_stops_with_the_server_message(comfy):
     with FakeChatServer([ScriptedReply(500, {"error": {"message": "model overloaded"}})]) as server:
-        with pytest.raises(ComfyExecutionError, match="Every one of the 2 scoring calls.*model overloaded"):
+        with pytest.raises(
+            ComfyExecutionError,
+            match="No scoring call to served judge tiny-judge.*gave a usable score.*model overloaded",
+        ):
             comfy.run(score_prompt(served_judge(server.base_url), batch=2, prefix="es/fail"))
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, JudgeUnavailableError
+from ..errors import ConfigError
+from ..judges.base import JudgeFailedError
 from ..judges.scoring import call_score
 from .manifest import Sample
 from .metrics import ClipEmbedder, DinoEmbedder, cosine_rows, load_rgb, pixel_errors
@@ -38,7 +39,8 @@ GROUP_KEYS = {
 }
 RESULTS_NAME = "results.jsonl"
 CONFIG_NAME = "eval_config.json"
-# A run whose first calls all fail stops instead of waiting out every sample's retries.
+# A run whose first calls all fail (or whose very first call cannot connect) stops instead of waiting
+# out every sample's retries; later failures are recorded per sample and retried on resume.
 FAILED_JUDGE_CALLS_BEFORE_STOP = 8
 
 
@@ -218,10 +220,13 @@ def evaluate(
                 bar.update(len(chunk))
                 if on_batch is not None:
                     on_batch(start + len(chunk), len(work))
-                if judge_successes == 0 and judge_errors >= min(FAILED_JUDGE_CALLS_BEFORE_STOP, len(work)):
+                cannot_connect = bool(calls) and calls[0].connection_failed and judge_calls == len(calls)
+                if judge_successes == 0 and (
+                    cannot_connect or judge_errors >= min(FAILED_JUDGE_CALLS_BEFORE_STOP, len(work))
+                ):
                     errors = sorted({c.error for c in calls if c.error})
-                    raise JudgeUnavailableError(
-                        f"The first {judge_errors} judge calls all failed, so the run stops (the other "
+                    raise JudgeFailedError(
+                        f"The first {judge_errors} judge call(s) all failed, so the run stops (the other "
                         f"metrics computed so far are saved; rerun to resume): {'; '.join(errors[:3])}"
                     )
     finally:

@@ -8,15 +8,17 @@ one (SC = min(editing success, absence of over-editing), PQ = min(naturalness, a
 the default prompt asks for exactly that, in one call.
 
 This module is pure (no optional dependency, no I/O): the prompt, its validation, answer parsing and
-`score_edits`, the loop that scores several edits with the failure rules of the pairwise selection:
-an unusable answer or a failed call (network down after retries, out of memory) is counted and leaves
-that edit unscored; a misconfigured judge (JudgeConfigError) stops at once; when every call fails the
-run stops with the collected errors, since there is nothing to rank.
+`ScoringSession` / `score_edits`, which score several edits with the failure rules of the pairwise
+selection: an unusable answer or a failed call (network down after retries, out of memory) is a
+warning and leaves that edit unscored; a misconfigured judge (JudgeConfigError) stops at once; a first
+call that cannot connect, or no usable score at all, stops with JudgeFailedError; an optional
+deadline bounds all calls together.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -24,8 +26,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import JudgeConfigError, JudgeUnavailableError, SelectionInterrupted
-from .base import validate_prompt_template
+from ..errors import ConfigError, JudgeConfigError, SelectionInterrupted
+from .base import JudgeConnectionError, JudgeFailedError, validate_prompt_template
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SCORE_PROMPT",
@@ -33,6 +37,7 @@ __all__ = [
     "EditScore",
     "ScoreCall",
     "ScoringResult",
+    "ScoringSession",
     "build_score_prompt",
     "edit_score_from_answer",
     "overall_score",
@@ -311,12 +316,14 @@ def edit_score_from_answer(answer: str) -> EditScore:
 
 @dataclass
 class ScoreCall:
-    """One scoring call: which edit, what came back (None when the judge raised), and how long."""
+    """One scoring call: which edit, what came back (None when the judge raised or was not asked)."""
 
     index: int
     score: EditScore | None
     error: str | None = None
     seconds: float = 0.0
+    asked: bool = True  # False: skipped because the judging deadline had passed
+    connection_failed: bool = False  # the judge could not reach its server at all
 
     @property
     def overall(self) -> float | None:
@@ -330,15 +337,35 @@ class ScoringResult:
     judge_errors: int
     judge_seconds: float
     order: list[int] = field(default_factory=list)  # edit indices, best first; unscored last
+    skipped_calls: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def overall(self) -> list[float | None]:
         return [call.overall for call in self.calls]
 
 
-def call_score(judge: Any, source: Any, edited: Any, instruction: str, index: int = 0, **kwargs) -> ScoreCall:
-    """One judge.score call under the failure rules (config errors raise, other failures are recorded)."""
+def _set_deadline(judge: Any, deadline: float | None) -> None:
+    try:
+        judge.deadline = deadline
+    except AttributeError:  # a judge object that takes no attributes simply has no deadline
+        pass
+
+
+def call_score(
+    judge: Any,
+    source: Any,
+    edited: Any,
+    instruction: str,
+    index: int = 0,
+    *,
+    deadline: float | None = None,
+    **kwargs,
+) -> ScoreCall:
+    """One judge.score call under the failure rules: a misconfigured judge raises; any other failure
+    is recorded in the call. `deadline` (a time.monotonic() instant) is handed to the judge."""
     start = time.perf_counter()
+    _set_deadline(judge, deadline)
     try:
         score = judge.score(source, edited, instruction, **kwargs)
     except JudgeConfigError:
@@ -349,7 +376,15 @@ def call_score(judge: Any, source: Any, edited: Any, instruction: str, index: in
             "Local VLM Judge."
         ) from exc
     except Exception as exc:  # noqa: BLE001 - policy: a failed call leaves this edit unscored
-        return ScoreCall(index, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        return ScoreCall(
+            index,
+            None,
+            f"{type(exc).__name__}: {exc}",
+            time.perf_counter() - start,
+            connection_failed=isinstance(exc, JudgeConnectionError),
+        )
+    finally:
+        _set_deadline(judge, None)
     if not isinstance(score, EditScore):
         return ScoreCall(
             index,
@@ -371,6 +406,129 @@ def _describe(judge: Any) -> str:
     return describe() if callable(describe) else type(judge).__name__
 
 
+class ScoringSession:
+    """Scores edits one call at a time under the pairwise judge's failure rules (see the module
+    docstring of x2edit_core.selection), for `score_edits` and the adaptive early filter:
+
+    - a misconfigured judge (JudgeConfigError) stops at once;
+    - when the very first call cannot connect, JudgeFailedError at once (nothing else is tried);
+    - `finish()` raises JudgeFailedError when no call gave a usable score, unless
+      `keep_first_on_failure` (then `fell_back` is set and a warning says so);
+    - `deadline_s` bounds all calls together: once it has passed, calls are not asked (`expired`);
+    - every failed call or unusable answer is a warning (logged and kept in `warnings`).
+    """
+
+    def __init__(
+        self,
+        judge: Any,
+        instruction: str,
+        *,
+        prompt_template: str | None = None,
+        deadline_s: float | None = None,
+        keep_first_on_failure: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        log_prefix: str = "x2edit scoring",
+        labels: Sequence[str] | None = None,
+    ):
+        if deadline_s is not None and not deadline_s > 0:
+            raise ConfigError(f"The judging deadline must be a positive number of seconds, got {deadline_s}.")
+        self.judge = judge
+        self.instruction = instruction
+        self.kwargs = (
+            {} if prompt_template is None else {"prompt_template": validate_prompt_template(prompt_template)}
+        )
+        self.deadline_s = deadline_s
+        self.clock = clock
+        self.deadline = None if deadline_s is None else clock() + deadline_s
+        self.keep_first_on_failure = keep_first_on_failure
+        self.log_prefix = log_prefix
+        self.labels = labels
+        self.calls: list[ScoreCall] = []
+        self.warnings: list[str] = []
+        self.fell_back = False
+
+    def label(self, index: int) -> str:
+        if self.labels is not None and index < len(self.labels) and self.labels[index]:
+            return f"candidate {index} ({self.labels[index]})"
+        return f"edit {index}"
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and self.clock() >= self.deadline
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        logger.warning("%s: %s", self.log_prefix, message)
+
+    def score(self, index: int, source: Any, edited: Any) -> ScoreCall:
+        if self.expired:
+            call = ScoreCall(
+                index,
+                None,
+                f"not asked: the judging deadline of {self.deadline_s:g} s had passed",
+                asked=False,
+            )
+            self.calls.append(call)
+            return call
+        call = call_score(
+            self.judge, source, edited, self.instruction, index, deadline=self.deadline, **self.kwargs
+        )
+        self.calls.append(call)
+        if len(self.calls) == 1 and call.connection_failed and not self.keep_first_on_failure:
+            message = (
+                f"The first judge call could not connect ({call.error}), so scoring stops; nothing else "
+                "was tried. Start or fix the judge server."
+            )
+            logger.error("%s: %s", self.log_prefix, message)
+            raise JudgeFailedError(message)
+        if call.asked and call.error:
+            self.warn(f"judge call failed ({self.label(index)}), left unscored: {call.error}")
+        elif call.score is not None and not call.score.usable:
+            raw = call.score.raw.strip()[:200]
+            self.warn(f"unusable judge answer ({self.label(index)}), left unscored: {raw!r}")
+        return call
+
+    def finish(self, what: str = "nothing can be ranked") -> None:
+        """Apply the whole-run rule: no usable score at all is an error (or the asked-for fall-back)."""
+        asked = [c for c in self.calls if c.asked]
+        skipped = len(self.calls) - len(asked)
+        if skipped:
+            self.warn(
+                f"the judging deadline of {self.deadline_s:g} s passed: {skipped} call(s) were not asked"
+            )
+        if not self.calls or any(c.overall is not None for c in self.calls):
+            return
+        errors = [c.error for c in asked if c.error]
+        unusable = [c for c in asked if c.score is not None and not c.score.usable]
+        first = next(
+            (c.error or repr(c.score.raw.strip()[:200]) for c in self.calls if c.error or c.score), ""
+        )
+        summary = (
+            f"No scoring call to {_describe(self.judge)} gave a usable score ({len(asked)} asked, "
+            f"{len(errors)} error(s), {len(unusable)} unusable answer(s), {skipped} not asked before the "
+            f"deadline), so {what}; first problem: {first or 'none recorded'}"
+        )
+        if not self.keep_first_on_failure:
+            logger.error("%s: %s", self.log_prefix, summary)
+            raise JudgeFailedError(f"{summary}. Fix the judge (server, model, prompt, deadline).")
+        self.fell_back = True
+        self.warn(
+            f"{summary}. keep_first_if_judge_fails is on, so the first candidate was kept WITHOUT judging."
+        )
+
+    def result(self) -> ScoringResult:
+        asked = [c for c in self.calls if c.asked]
+        return ScoringResult(
+            calls=list(self.calls),
+            unusable_answers=sum(1 for c in asked if c.score is not None and not c.score.usable),
+            judge_errors=sum(1 for c in asked if c.error),
+            judge_seconds=sum(c.seconds for c in self.calls),
+            order=rank_order([c.overall for c in self.calls]),
+            skipped_calls=len(self.calls) - len(asked),
+            warnings=list(self.warnings),
+        )
+
+
 def score_edits(
     edits: Sequence[Any],
     source: Any,
@@ -380,47 +538,40 @@ def score_edits(
     prompt_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], Any] | None = None,
+    deadline_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ScoringResult:
     """Score every edit of `source` (images as the judge takes them) and rank them, best first.
 
     `source` is one image for all edits, or a list or tuple with one source per edit.
-
     progress(done, total) after each call; should_stop() before each (an exception it raises
-    propagates, a true value raises SelectionInterrupted). Raises JudgeUnavailableError when every
-    call failed (with their errors), JudgeConfigError at once for a misconfigured judge.
+    propagates, a true value raises SelectionInterrupted). Failures follow ScoringSession's rules:
+    JudgeFailedError when the first call cannot connect or no call gave a usable score,
+    JudgeConfigError at once for a misconfigured judge.
     """
-    kwargs = {} if prompt_template is None else {"prompt_template": validate_prompt_template(prompt_template)}
     if isinstance(source, (list, tuple)):
         if len(source) != len(edits):
             raise JudgeConfigError(f"{len(source)} source images for {len(edits)} edits: give one per edit.")
         sources = list(source)
     else:
         sources = [source] * len(edits)
-    calls: list[ScoreCall] = []
+    session = ScoringSession(
+        judge, instruction, prompt_template=prompt_template, deadline_s=deadline_s, clock=clock
+    )
     for index, edited in enumerate(edits):
         if should_stop is not None and should_stop():
             raise SelectionInterrupted(f"Scoring was stopped after {index} of {len(edits)} edits.")
-        calls.append(call_score(judge, sources[index], edited, instruction, index, **kwargs))
+        session.score(index, sources[index], edited)
         if progress is not None:
             progress(index + 1, len(edits))
-    errors = [call for call in calls if call.error]
-    if calls and len(errors) == len(calls):
-        shown = "; ".join(sorted({call.error for call in errors})[:3])
-        raise JudgeUnavailableError(
-            f"Every one of the {len(calls)} scoring calls to {_describe(judge)} failed, so nothing can be "
-            f"ranked: {shown}. Check that the judge is running and reachable."
-        )
-    return ScoringResult(
-        calls=calls,
-        unusable_answers=sum(1 for c in calls if c.score is not None and not c.score.usable),
-        judge_errors=len(errors),
-        judge_seconds=sum(c.seconds for c in calls),
-        order=rank_order([c.overall for c in calls]),
-    )
+    session.finish()
+    return session.result()
 
 
 def format_score_line(label: str, call: ScoreCall) -> str:
     """One report line: '<label>: O 7.48 (SC 7, PQ 8): reason' or the error / unusable answer."""
+    if not call.asked:
+        return f"{label}: {call.error}"
     if call.error:
         return f"{label}: judge error: {call.error}"
     score = call.score
