@@ -429,6 +429,7 @@ class ScoringSession:
         clock: Callable[[], float] = time.monotonic,
         log_prefix: str = "x2edit scoring",
         labels: Sequence[str] | None = None,
+        noun: str = "edit",
     ):
         if deadline_s is not None and not deadline_s > 0:
             raise ConfigError(f"The judging deadline must be a positive number of seconds, got {deadline_s}.")
@@ -443,14 +444,15 @@ class ScoringSession:
         self.keep_first_on_failure = keep_first_on_failure
         self.log_prefix = log_prefix
         self.labels = labels
+        self.noun = noun
         self.calls: list[ScoreCall] = []
         self.warnings: list[str] = []
         self.fell_back = False
 
     def label(self, index: int) -> str:
         if self.labels is not None and index < len(self.labels) and self.labels[index]:
-            return f"candidate {index} ({self.labels[index]})"
-        return f"edit {index}"
+            return f"{self.noun} {index} ({self.labels[index]})"
+        return f"{self.noun} {index}"
 
     @property
     def expired(self) -> bool:
