@@ -108,3 +108,40 @@ def test_labels_progress_and_bad_input():
         select_adaptive([], lambda i: [], "s", "x", QualityJudge(), threshold=5)
     with pytest.raises(ConfigError, match="must be a number"):
         run([1.0], threshold=float("nan"))
+
+
+def test_benchmark_simulation_runs_and_accounts_nfe():
+    """benchmarks/early_filter.py --simulate-only: fixed policies cost exactly their NFE, adaptive less."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "benchmarks", "early_filter.py"),
+            "--simulate-only",
+            "--trials",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        parts = line.rsplit(None, 6)
+        if len(parts) == 7 and parts[1].replace(".", "").isdigit():
+            rows[parts[0].strip()] = [float(x) for x in parts[1:]]
+    assert rows["plain (1 noise)"][0] == 50.0 and rows["paper best of 6"][0] == 110.0
+    assert rows["resume best of 6"][0] == 100.0
+    for threshold in ("6.5", "7", "7.5"):
+        spent, ratio, drawn, calls = rows[f"adaptive/resume t={threshold}"][:4]
+        assert 1 <= drawn <= 6 and spent == pytest.approx(10 * drawn + 40) and calls <= drawn
+        assert rows[f"adaptive/paper t={threshold}"][0] == pytest.approx(
+            50 + 10 * rows[f"adaptive/paper t={threshold}"][2]
+        )
+    best = rows["oracle best of 6"][4]
+    assert all(row[4] <= best + 1e-9 for row in rows.values())  # nothing beats the oracle
