@@ -15,7 +15,7 @@ from comfy_api.latest import io, ui
 
 from ..x2edit_core.early_filter import MODES, SEED_MODULUS, make_plan
 from ..x2edit_core.errors import ConfigError, JudgeConfigError
-from ..x2edit_core.judges import LocalVLMJudge, ServedJudge
+from ..x2edit_core.judges import LocalVLMJudge, ServedJudge, check_served_judge_settings
 from ..x2edit_core.selection import JUDGE_VIEWS, SELECTIONS
 from .early_filter import run_early_filter, run_early_filter_advanced
 
@@ -284,6 +284,18 @@ class X2EditServedJudge(io.ComfyNode):
             ],
             outputs=[JudgeType.Output(display_name="judge", tooltip="The judge, for X2Edit Early Filter.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, base_url=None, api_key_env=None):
+        # At queue time, before any model loads: a refused URL or key variable (or an unset one) is an
+        # error now. A linked input arrives as None (not known yet) and is checked when the node runs.
+        if not isinstance(base_url, str) or api_key_env is None:
+            return True
+        try:
+            check_served_judge_settings(base_url, api_key_env)
+        except JudgeConfigError as error:
+            return str(error)
+        return True
 
     @classmethod
     def execute(

@@ -31,6 +31,7 @@ from x2edit_core.judges import (
     LocalVLMJudge,
     ServedJudge,
     build_judge_prompt,
+    check_served_judge_settings,
     image_to_pil,
     limit_image_side,
     parse_choice,
@@ -496,6 +497,20 @@ def test_a_released_key_never_goes_to_a_hostile_url(secrets, dialled, url, rule)
     with pytest.raises(JudgeConfigError, match=rule) as info:
         ServedJudge(url, "m", "X2EDIT_JUDGE_API_KEY")
     assert_no_secret(str(info.value))
+    assert dialled == []
+
+
+def test_queue_time_check_applies_the_same_rules_without_contacting_anything(secrets, dialled):
+    check_served_judge_settings("http://127.0.0.1:9/v1", "X2EDIT_JUDGE_API_KEY")
+    check_served_judge_settings("https://judge.example.invalid/v1", "")
+    for url, variable, rule in [
+        ("http://127.0.0.1:9/v1", "HF_TOKEN", "not released"),
+        ("http://judge.example.invalid/v1", "X2EDIT_JUDGE_API_KEY", "plain http"),
+        ("http://u:p@127.0.0.1:9/v1", "", "user information"),
+        ("http://127.0.0.1:9/v1", "X2EDIT_UNSET_API_KEY", "is not set"),
+    ]:
+        with pytest.raises(JudgeConfigError, match=rule):
+            check_served_judge_settings(url, variable)
     assert dialled == []
 
 

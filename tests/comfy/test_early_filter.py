@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ComfyExecutionError, tiny_fill_inpaint_prompt
+from comfy_harness import ComfyExecutionError, ComfyValidationError, tiny_fill_inpaint_prompt
 from safetensors.torch import load_file
 from vlm_fixtures import FakeChatServer, ScriptedReply, build_tiny_qwen2vl, chat_reply
 
@@ -233,24 +233,31 @@ def test_served_judge_end_to_end(comfy):
     assert "Image 2 follows the instruction better." in got["report"]
 
 
-def test_served_judge_missing_key_variable_is_a_clear_error(comfy):
+def test_served_judge_missing_key_variable_is_refused_at_queue_time(comfy):
     prompt = filter_prompt(
         comfy,
         served_judge("http://127.0.0.1:9/v1", api_key_env="X2EDIT_TEST_UNSET_API_KEY"),
         prefix="ef/nokey",
     )
-    with pytest.raises(ComfyExecutionError, match="X2EDIT_TEST_UNSET_API_KEY is not set"):
-        comfy.run(prompt)
+    with pytest.raises(ComfyValidationError, match="X2EDIT_TEST_UNSET_API_KEY is not set"):
+        comfy.queue(prompt)
 
 
-@pytest.mark.parametrize("variable", ["AWS_SECRET_ACCESS_KEY", "HF_TOKEN"])
-def test_hostile_workflow_cannot_send_another_variable(comfy, variable):
+@pytest.mark.parametrize(
+    ("url_kind", "variable", "message"),
+    [
+        ("fake", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY, which the machine's owner has not"),
+        ("fake", "HF_TOKEN", "HF_TOKEN, which the machine's owner has not"),
+        ("http://judge.example.invalid/v1", "X2EDIT_TEST_UNSET_API_KEY", "plain http to a host that is not"),
+        ("http://user:pass@127.0.0.1:9/v1", "", "user information"),
+    ],
+)
+def test_hostile_workflow_is_refused_at_queue_time(comfy, url_kind, variable, message):
     with FakeChatServer([chat_reply("1")]) as server:
-        prompt = filter_prompt(
-            comfy, served_judge(server.base_url, api_key_env=variable), prefix=f"ef/hostile_{variable}"
-        )
-        with pytest.raises(ComfyExecutionError, match=f"{variable}, which the machine's owner has not"):
-            comfy.run(prompt)
+        url = server.base_url if url_kind == "fake" else url_kind
+        prompt = filter_prompt(comfy, served_judge(url, api_key_env=variable), prefix="ef/hostile")
+        with pytest.raises(ComfyValidationError, match=message):
+            comfy.queue(prompt)
     assert server.requests == []
 
 

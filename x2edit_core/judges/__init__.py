@@ -31,7 +31,7 @@ from .scoring import (
     parse_scores,
     score_edits,
 )
-from .served import ServedJudge
+from .served import ServedJudge, check_served_judge_settings
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPT",
@@ -51,6 +51,7 @@ __all__ = [
     "LocalVLMJudge",
     "ServedJudge",
     "build_judge_prompt",
+    "check_served_judge_settings",
     "image_to_pil",
     "limit_image_side",
     "parse_choice",

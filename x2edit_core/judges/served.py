@@ -34,6 +34,13 @@ def _chat_completions_url(base_url: str) -> str:
     return url
 
 
+def check_served_judge_settings(base_url: str, api_key_env: str = "") -> None:
+    """Raise JudgeConfigError when the URL or the key variable breaks the rules (see api_keys), without
+    contacting anything: what a node checks when a prompt is queued."""
+    endpoint = parse_endpoint(_chat_completions_url(base_url))
+    read_api_key((api_key_env or "").strip(), endpoint)
+
+
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect would re-send the request (with its Authorization header) to wherever the server
     points, so none is followed: the 3xx reaches the caller as an HTTPError."""

@@ -414,3 +414,11 @@ class X2EditTestModelForward:
 
 NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
+
+
+# --- X2Edit text path: tiny Qwen2.5-VL via CLIPLoader, tensor writers (tests/comfy/test_x2edit_text.py) ---
+
+from . import qwen_text_support  # noqa: E402  (installs its loader hook at import)
+
+NODE_CLASS_MAPPINGS.update(qwen_text_support.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(qwen_text_support.NODE_DISPLAY_NAME_MAPPINGS)
