@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-url", help="OpenAI-compatible chat-completions base URL of a VLM judge")
     parser.add_argument("--judge-model", default="", help="model name on the judge server")
     parser.add_argument(
-        "--judge-api-key-env", default="", help="NAME of the environment variable holding the judge's API key"
+        "--judge-api-key-env",
+        default="",
+        help="NAME of the variable holding the judge's API key (one released for judges: "
+        "X2EDIT_<NAME>_API_KEY)",
     )
     parser.add_argument("--judge-vlm", help="local VLM folder (Qwen2-VL / Qwen2.5-VL) as the judge")
     parser.add_argument("--judge-prompt", help="file with a scoring prompt template containing {instruction}")
