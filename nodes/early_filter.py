@@ -16,6 +16,12 @@ history at step m, and ancestral samplers draw other noise after it, as with KSa
 With ancestral / SDE samplers the candidates of one batch also share one noise sampler (seeded by the
 batch's first seed), so their early results depend on the batch size; the paper-mode winner run is a
 plain run of its seed either way.
+
+The advanced node runs the same flow through a GUIDER's own `sample` (what SamplerCustomAdvanced
+calls) with the connected SAMPLER and SIGMAS, so any guider works (CFG, basic, Kontext reference
+latents in its conditioning); candidate i's noise is the connected NOISE with seed + i. Adaptive
+selection interleaves: a batch is sampled and decoded, its candidates are scored, and the next batch is
+drawn only if none reached the threshold.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class EarlyFilterResult:
     winner_index: int
     winner_seed: int
     winner_latent: dict
-    previews: torch.Tensor  # IMAGE batch, one per candidate in seed order
+    previews: torch.Tensor  # IMAGE batch, one per candidate drawn, in seed order
     report: str
     timings: dict[str, float]  # wall seconds per phase: candidates, previews, judge, winner
     cpu_timings: dict[str, float]  # this process's CPU seconds per phase (robust to a busy machine)
