@@ -84,6 +84,10 @@ def test_edit_score_node_listed(comfy):
     assert spec["output_is_list"] == [False, True, True, False]
     assert spec["input"]["required"]["judge"][0] == "X2EDIT_JUDGE"
     assert spec["display_name"] == "X2Edit Edit Score"
+    for node in ("X2EditEditScore", "X2EditEarlyFilterAdvanced", "X2EditEarlyFilter"):
+        inputs = comfy.object_info(node)["input"]
+        for name, entry in {**inputs["required"], **inputs.get("optional", {})}.items():
+            assert entry[1].get("tooltip"), f"{node} input {name} has no tooltip"
 
 
 @pytest.mark.parametrize("prefer", ["brighter", "darker"])
