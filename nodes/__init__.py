@@ -18,6 +18,7 @@ NODE_MODULES = (
     "early_filter_nodes",
     "edit_score_nodes",
     "x2edit_text_nodes",
+    "x2edit_condition",
 )
 
 

@@ -391,10 +391,11 @@ MODEL_FOLDERS = {
     "CLIPLoader": "models/text_encoders",
     "CheckpointLoaderSimple": "models/checkpoints",
 }
-# Every node that reads the edit instruction: the prompt, the task router and the early filter's judge
-# must all see the same text.
+# Every node that reads the edit instruction: the prompt, the text encoder, the task router and the
+# early filter's judge must all see the same text.
 INSTRUCTION_INPUTS = (
     ("X2EditICPrompt", "instruction"),
+    ("X2EditTextEncode", "instruction"),
     ("X2EditTaskRouter", "instruction"),
     ("X2EditEarlyFilter", "instruction"),
 )
