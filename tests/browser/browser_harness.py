@@ -81,7 +81,7 @@ JS_LOAD = """async (wf) => {
 
 # Nodes the frontend could not build from a registered node type: what its missing-nodes warning lists.
 JS_UNREGISTERED = """() => window.app.graph.nodes
-    .filter((n) => !(n.type in window.LiteGraph.registered_node_types) || n.has_errors === true)
+    .filter((n) => !(n.type in window.LiteGraph.registered_node_types))
     .map((n) => `${n.id}:${n.type}`)"""
 
 JS_SERIALIZED = "() => window.app.graph.serialize()"

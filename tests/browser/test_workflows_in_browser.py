@@ -48,6 +48,7 @@ ICEDIT_NODES = (
 
 RUN_WORKFLOWS = ("icedit_moe_lora",)
 MAX_GRAPH_SCALE_ERROR = 1e-6
+MENU_CLEARANCE = (60, 84)  # page pixels taken by the side bar (left) and the tab and tool bars (top)
 
 
 def read_workflow(name: str) -> dict:
@@ -104,9 +105,11 @@ def test_widget_values_and_output_names_survive_loading(loaded, name):
     for node_id, saved in file_nodes.items():
         after = graph_nodes[node_id]
         assert widget_values(after) == widget_values(saved), f"{name} node {node_id} ({saved['type']})"
-        assert [o["name"] for o in after.get("outputs") or []] == [
-            o["name"] for o in saved.get("outputs") or []
-        ]
+        saved_names = [o["name"] for o in saved.get("outputs") or []]
+        # Newer releases give some core nodes more outputs (Save Image passes its images on): the outputs
+        # the file has keep their names, new ones come after them.
+        after_names = [o["name"] for o in after.get("outputs") or []][: len(saved_names)]
+        assert after_names == saved_names, f"{name} node {node_id} ({saved['type']})"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -200,7 +203,9 @@ def test_layout_is_readable_at_100_percent_on_a_1920_screen(loaded, name):
     left, top, right, bottom = screen_extent(layout)
     width, height = layout["viewport"]
     assert (width, height) == (VIEWPORT["width"], VIEWPORT["height"])
-    assert left >= layout["canvas"][0] and top >= layout["canvas"][1], (left, top, layout["canvas"])
+    # Clear of the side bar and the top bars, which newer frontends draw over the canvas.
+    assert left >= max(layout["canvas"][0], MENU_CLEARANCE[0]), (left, layout["canvas"])
+    assert top >= max(layout["canvas"][1], MENU_CLEARANCE[1]), (top, layout["canvas"])
     assert right <= width and bottom <= height, (
         f"graph reaches ({right:.0f}, {bottom:.0f}) on {width}x{height}"
     )
