@@ -11,7 +11,14 @@ import logging
 
 log = logging.getLogger("x2edit")
 
-NODE_MODULES = ("moe_loader", "edit_nodes", "task_router", "early_filter_nodes")
+NODE_MODULES = (
+    "moe_loader",
+    "edit_nodes",
+    "task_router",
+    "early_filter_nodes",
+    "x2edit_text_nodes",
+    "x2edit_condition",
+)
 
 
 def search_aliases(*aliases: str) -> dict:

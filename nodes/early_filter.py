@@ -197,6 +197,8 @@ def run_early_filter(
     scheduler: str,
     judge_view: str = "right_panel",
     swap_check: bool = False,
+    judge_deadline_s: float | None = None,
+    keep_first_on_failure: bool = False,
 ) -> EarlyFilterResult:
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     if latent_image.shape[0] != 1:
@@ -261,7 +263,12 @@ def run_early_filter(
     early = torch.cat(early_latents, dim=0)
     # One at a time: ComfyUI sizes decode batches by free memory, which on CPU underestimates the peak
     # (6 diptychs of 1024x512 at once went past 24 GB); decoding is per image anyway.
-    previews = torch.cat([_decode(vae, early[i : i + 1]) for i in range(early.shape[0])], dim=0)
+    decoded = []
+    for i in range(early.shape[0]):
+        decoded.append(_decode(vae, early[i : i + 1]))
+        progress.set(done_steps + i + 1)
+    previews = torch.cat(decoded, dim=0)
+    done_steps += plan.candidates  # one progress unit per decoded preview
     clock.stop("previews")
 
     # --- judge ---
@@ -278,6 +285,8 @@ def run_early_filter(
             labels=[f"seed {s}" for s in seeds],
             progress=lambda done, total: progress.set(done_steps + done),
             should_stop=comfy.model_management.throw_exception_if_processing_interrupted,
+            deadline_s=judge_deadline_s,
+            keep_first_on_failure=keep_first_on_failure,
         )
     finally:
         judge.release()
@@ -315,7 +324,7 @@ def run_early_filter(
 
     winner_latent = latent.copy()
     winner_latent["samples"] = samples
-    report = format_filter_report(plan, winner, selection.report, timings)
+    report = format_filter_report(plan, winner, selection.report, timings, warnings=selection.warnings)
     return EarlyFilterResult(winner, seeds[winner], winner_latent, previews, report, timings, cpu_timings)
 
 

@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..x2edit_core.early_filter import MODES, SEED_MODULUS, make_plan
 from ..x2edit_core.errors import JudgeConfigError
-from ..x2edit_core.judges import LocalVLMJudge, ServedJudge
+from ..x2edit_core.judges import LocalVLMJudge, ServedJudge, check_served_judge_settings
 from ..x2edit_core.selection import JUDGE_VIEWS
 from . import search_aliases
 from .early_filter import run_early_filter
@@ -183,8 +183,11 @@ class X2EditServedJudge(io.ComfyNode):
                 io.String.Input(
                     "api_key_env",
                     default="",
-                    tooltip="NAME of the environment variable holding the API key (e.g. OPENAI_API_KEY), "
-                    "set before starting ComfyUI. Never the key itself. Empty: no key.",
+                    tooltip="NAME of the environment variable holding the API key, set before starting "
+                    "ComfyUI; never the key itself. Empty: no key. Only variables the machine's owner "
+                    "released are read: X2EDIT_<NAME>_API_KEY, or a variable listed for this host in "
+                    "~/.config/x2edit/judges.json (path: $X2EDIT_JUDGES_CONFIG). Keys go only over https or "
+                    "to 127.0.0.1 / ::1 / localhost, and never follow a redirect.",
                 ),
                 io.Float.Input(
                     "timeout",
@@ -192,14 +195,16 @@ class X2EditServedJudge(io.ComfyNode):
                     min=1.0,
                     max=3600.0,
                     step=1.0,
-                    tooltip="Seconds to wait for one answer.",
+                    tooltip="Seconds to wait for one answer (the early filter's judge_deadline caps all "
+                    "calls and retries together).",
                 ),
                 io.Int.Input(
                     "retries",
                     default=3,
                     min=0,
                     max=20,
-                    tooltip="Retries after a timeout, connection error, HTTP 5xx or 429 (with backoff).",
+                    tooltip="Retries after a timeout, connection error, HTTP 5xx or 429 (with backoff), "
+                    "within the early filter's judge_deadline.",
                 ),
                 io.Int.Input(
                     "max_image_side",
@@ -214,6 +219,18 @@ class X2EditServedJudge(io.ComfyNode):
             ],
             outputs=[JudgeType.Output(display_name="judge", tooltip="The judge, for X2Edit Early Filter.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, base_url=None, api_key_env=None):
+        # At queue time, before any model loads: a refused URL or key variable (or an unset one) is an
+        # error now. A linked input arrives as None (not known yet) and is checked when the node runs.
+        if not isinstance(base_url, str) or api_key_env is None:
+            return True
+        try:
+            check_served_judge_settings(base_url, api_key_env)
+        except JudgeConfigError as error:
+            return str(error)
+        return True
 
     @classmethod
     def execute(
@@ -352,6 +369,25 @@ class X2EditEarlyFilter(io.ComfyNode):
                     tooltip="Ask every pair twice in swapped order; the challenger must win both (cancels "
                     "a judge's position bias, doubles the judge calls).",
                 ),
+                io.Float.Input(
+                    "judge_deadline",
+                    default=600.0,
+                    min=1.0,
+                    max=86400.0,
+                    step=1.0,
+                    optional=True,
+                    tooltip="Seconds for all judging together: every judge call and every retry. Calls not "
+                    "yet asked when it passes are skipped (a warning); if nothing was judged the filter "
+                    "stops with an error.",
+                ),
+                io.Boolean.Input(
+                    "keep_first_if_judge_fails",
+                    default=False,
+                    optional=True,
+                    tooltip="Off (default): when the judge gives no usable answer at all, or its first call "
+                    "cannot connect, the filter stops with an error. On: keep the first candidate (the "
+                    "plain run of the seed) unjudged, with a warning in the log and the report.",
+                ),
             ],
             outputs=[
                 io.Int.Output(
@@ -395,6 +431,8 @@ class X2EditEarlyFilter(io.ComfyNode):
         batch_size,
         judge_view,
         swap_check=False,
+        judge_deadline=600.0,
+        keep_first_if_judge_fails=False,
     ) -> io.NodeOutput:
         plan = make_plan(mode, candidates, early_steps, total_steps, batch_size, seed)
         result = run_early_filter(
@@ -412,6 +450,8 @@ class X2EditEarlyFilter(io.ComfyNode):
             scheduler=scheduler,
             judge_view=judge_view,
             swap_check=bool(swap_check),
+            judge_deadline_s=float(judge_deadline),
+            keep_first_on_failure=bool(keep_first_if_judge_fails),
         )
         noise = Noise_RandomNoise(result.winner_seed) if Noise_RandomNoise is not None else None
         return io.NodeOutput(

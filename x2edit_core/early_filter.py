@@ -115,8 +115,9 @@ class EarlyFilterPlan:
         return self.nfe / plain_nfe(self.total_steps)
 
     def progress_total(self, judge_calls: int) -> int:
-        """Progress-bar units: one per candidate step, one per judge call, one per final step."""
-        return self.candidates * self.early_steps + judge_calls + self.final_steps
+        """Progress-bar units: one per candidate step, one per preview decode, one per judge call, one
+        per final step."""
+        return self.candidates * self.early_steps + self.candidates + judge_calls + self.final_steps
 
     def describe(self) -> str:
         return (
@@ -159,10 +160,13 @@ def format_filter_report(
     winner_index: int,
     selection_report: str,
     timings: dict[str, float] | None = None,
+    warnings: tuple[str, ...] | list[str] = (),
 ) -> str:
-    """The node's STRING report: plan and NFE, the selection's comparisons, the winner and timings."""
+    """The node's STRING report: warnings first, then plan and NFE, the selection's comparisons, the
+    winner and timings."""
     seeds = plan.seeds
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in warnings]
+    lines += [
         f"X2Edit early filter, {plan.describe()}.",
         "Candidate seeds: " + ", ".join(f"{i}: {s}" for i, s in enumerate(seeds)) + ".",
         selection_report,

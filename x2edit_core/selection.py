@@ -6,22 +6,32 @@ current best is shown as image 1 and the challenger as image 2. With `swap_check
 asked twice, the second time in swapped order, and the challenger must win both to take over (this
 cancels a judge's preference for a position; it doubles the judge calls).
 
-Policy, stated once: the current best is kept on a tie, on disagreement between the two orders, on
-an answer naming no winner (counted as unusable), and when the judge fails to answer (counted as an
-error: network down after retries, out of memory, ...). Only a misconfigured judge
-(JudgeConfigError: bad template, missing API key variable, HTTP 4xx) stops the selection, since it
-would fail every comparison the same way.
+Policy, stated once:
+- within one comparison the current best is kept on a tie, on disagreement between the two orders,
+  on an answer naming no winner (counted as unusable), and when the judge fails to answer (counted as
+  an error: network down after retries, out of memory, deadline, ...); each such case is a warning in
+  the server log and at the top of the report;
+- a misconfigured judge (JudgeConfigError: bad template, refused API key variable, HTTP 4xx or a
+  redirect) stops the selection at once, since it would fail every comparison the same way;
+- when the very first call cannot connect, or when no call at all gave a usable answer, the
+  selection stops with JudgeFailedError: keeping the first candidate would look like a success while
+  nothing was judged. `keep_first_on_failure=True` asks for that fall-back instead (warned about);
+- `deadline_s` bounds the whole judging (every call and every retry inside a judge): calls not yet
+  asked when it passes are skipped and counted as errors.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, JudgeConfigError, SelectionInterrupted
-from .judges.base import Judge, JudgeVerdict, image_to_pil
+from .judges.base import Judge, JudgeConnectionError, JudgeFailedError, JudgeVerdict, image_to_pil
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Comparison",
@@ -49,9 +59,11 @@ class JudgeCall:
 
     image_1: int
     image_2: int
-    verdict: JudgeVerdict | None  # None when the judge raised
+    verdict: JudgeVerdict | None  # None when the judge raised or was not asked
     error: str | None = None
     seconds: float = 0.0
+    asked: bool = True  # False: skipped because the judging deadline had passed
+    connection_failed: bool = False  # the judge could not reach its server at all
 
     @property
     def winner(self) -> int | None:
@@ -94,6 +106,9 @@ class SelectionResult:
     judge_errors: int
     judge_seconds: float
     report: str = field(default="")
+    skipped_calls: int = 0  # not asked: the deadline had passed
+    warnings: list[str] = field(default_factory=list)
+    fell_back: bool = False  # nothing was judged and keep_first_on_failure kept candidate 0
 
 
 def _label(index: int, labels: Sequence[str] | None) -> str:
@@ -111,7 +126,14 @@ def _call_judge(
     except JudgeConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - policy: a failed judge call keeps the current best
-        return JudgeCall(image_1, image_2, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - start)
+        return JudgeCall(
+            image_1,
+            image_2,
+            None,
+            f"{type(exc).__name__}: {exc}",
+            time.perf_counter() - start,
+            connection_failed=isinstance(exc, JudgeConnectionError),
+        )
     if not isinstance(verdict, JudgeVerdict):
         return JudgeCall(
             image_1,
@@ -137,6 +159,11 @@ def _decide(best: int, challenger: int, calls: list[JudgeCall]) -> tuple[str, in
     return DISAGREEMENT, best
 
 
+def _warn(warnings: list[str], message: str) -> None:
+    warnings.append(message)
+    logger.warning("x2edit early filter: %s", message)
+
+
 def select_best(
     candidates: Sequence[Any],
     original: Any,
@@ -147,12 +174,16 @@ def select_best(
     labels: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], Any] | None = None,
+    deadline_s: float | None = None,
+    keep_first_on_failure: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> SelectionResult:
     """Keep a running winner over `candidates` (images as the judge takes them) in one pass.
 
-    progress(done_calls, total_calls) is called after each judge call; should_stop() before each
-    call: an exception it raises propagates (a ComfyUI interrupt), a true return value raises
-    SelectionInterrupted. labels name candidates in the report (for example their seeds).
+    progress(done_calls, total_calls) is called after each judge call (asked or skipped); should_stop()
+    before each call: an exception it raises propagates (a ComfyUI interrupt), a true return value
+    raises SelectionInterrupted. labels name candidates in the report (for example their seeds).
+    deadline_s: seconds for all judging together (None: no limit). Failures follow the module's policy.
     """
     count = len(candidates)
     if count == 0:
@@ -161,11 +192,15 @@ def select_best(
         raise ConfigError(
             f"{len(labels)} labels for {count} candidates: give one label per candidate or none."
         )
+    if deadline_s is not None and not deadline_s > 0:
+        raise ConfigError(f"The judging deadline must be a positive number of seconds, got {deadline_s}.")
     orders_per_pair = 2 if swap_check else 1
     total_calls = (count - 1) * orders_per_pair
+    deadline = None if deadline_s is None else clock() + deadline_s
     done_calls = 0
     best = 0
     comparisons: list[Comparison] = []
+    warnings: list[str] = []
     for challenger in range(1, count):
         orders = [(best, challenger)] + ([(challenger, best)] if swap_check else [])
         calls: list[JudgeCall] = []
@@ -174,22 +209,82 @@ def select_best(
                 raise SelectionInterrupted(
                     f"The early-filter selection was stopped after {done_calls} of {total_calls} judge calls."
                 )
-            calls.append(_call_judge(judge, original, image_1, image_2, candidates, instruction))
+            if deadline is not None and clock() >= deadline:
+                call = JudgeCall(
+                    image_1,
+                    image_2,
+                    None,
+                    f"not asked: the judging deadline of {deadline_s:g} s had passed",
+                    asked=False,
+                )
+            else:
+                judge.deadline = deadline
+                try:
+                    call = _call_judge(judge, original, image_1, image_2, candidates, instruction)
+                finally:
+                    judge.deadline = None
+            calls.append(call)
             done_calls += 1
             if progress is not None:
                 progress(done_calls, total_calls)
+            if done_calls == 1 and call.connection_failed and not keep_first_on_failure:
+                message = (
+                    f"The first judge call could not connect ({call.error}), so the early filter stops "
+                    f"instead of keeping an unjudged candidate; the other {total_calls - 1} call(s) were not "
+                    "tried. Start or fix the judge server, or turn on keep_first_if_judge_fails."
+                )
+                logger.error("x2edit early filter: %s", message)
+                raise JudgeFailedError(message)
         outcome, winner = _decide(best, challenger, calls)
         comparisons.append(Comparison(best, challenger, calls, outcome, winner))
+        for call in calls:
+            where = f"{_label(call.image_1, labels)} vs {_label(call.image_2, labels)}"
+            if call.asked and call.error:
+                _warn(warnings, f"judge call failed ({where}), current best kept: {call.error}")
+            elif call.verdict is not None and call.verdict.choice is None:
+                _warn(
+                    warnings,
+                    f"unusable judge answer ({where}), current best kept: {call.verdict.raw.strip()[:200]!r}",
+                )
         best = winner
     all_calls = [call for comparison in comparisons for call in comparison.calls]
+    asked = [call for call in all_calls if call.asked]
+    skipped = len(all_calls) - len(asked)
+    if skipped:
+        _warn(
+            warnings,
+            f"the judging deadline of {deadline_s:g} s passed: {skipped} of {total_calls} judge call(s) were "
+            "not asked and their challengers were not considered",
+        )
     result = SelectionResult(
         winner_index=best,
         comparisons=comparisons,
-        judge_calls=len(all_calls),
-        unusable_answers=sum(1 for c in all_calls if c.verdict is not None and c.verdict.choice is None),
-        judge_errors=sum(1 for c in all_calls if c.error),
+        judge_calls=len(asked),
+        unusable_answers=sum(1 for c in asked if c.verdict is not None and c.verdict.choice is None),
+        judge_errors=sum(1 for c in asked if c.error),
         judge_seconds=sum(c.seconds for c in all_calls),
+        skipped_calls=skipped,
+        warnings=warnings,
     )
+    usable = sum(1 for c in all_calls if c.winner is not None)
+    if total_calls and usable == 0:
+        summary = (
+            f"No judge call gave a usable answer ({result.judge_calls} asked, {result.judge_errors} "
+            f"error(s), {result.unusable_answers} unusable answer(s), {skipped} not asked before the "
+            f"deadline); first problem: {comparisons[0].reason or 'none recorded'}"
+        )
+        if not keep_first_on_failure:
+            logger.error("x2edit early filter: %s", summary)
+            raise JudgeFailedError(
+                f"{summary}. The early filter stops instead of keeping an unjudged candidate: fix the judge "
+                "(server, model, prompt, deadline), or turn on keep_first_if_judge_fails."
+            )
+        result.fell_back = True
+        _warn(
+            warnings,
+            f"{summary}. keep_first_if_judge_fails is on, so the first candidate was kept WITHOUT any "
+            "judging.",
+        )
     result.report = format_report(result, count, judge, swap_check, labels)
     return result
 
@@ -200,7 +295,8 @@ def format_report(
     """The human-readable account of a selection: every comparison with its outcome and reason."""
     describe = getattr(judge, "describe", None)
     judge_name = describe() if callable(describe) else type(judge).__name__
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in result.warnings]
+    lines += [
         f"Early-filter selection among {count} candidate(s) by {judge_name}; each comparison shows "
         "the current best as image 1 and the challenger as image 2"
         + (", then again in swapped order (the challenger must win both)." if swap_check else "."),
@@ -213,7 +309,9 @@ def format_report(
         lines.append(head)
         for call in comparison.calls:
             asked = f"   [image 1 = {call.image_1}, image 2 = {call.image_2}, {call.seconds:.1f} s] "
-            if call.error:
+            if not call.asked:
+                lines.append(asked + call.error)
+            elif call.error:
                 lines.append(asked + f"error: {call.error}")
             elif call.verdict is not None and call.verdict.choice is None:
                 lines.append(asked + f"unusable answer: {call.verdict.raw.strip()[:300]!r}")
@@ -222,15 +320,10 @@ def format_report(
     lines.append(
         f"Winner: {_label(result.winner_index, labels)}. Judge calls: {result.judge_calls}, "
         f"unusable answers: {result.unusable_answers}, judge errors: {result.judge_errors}, "
-        f"judge time: {result.judge_seconds:.1f} s. "
+        + (f"not asked (deadline): {result.skipped_calls}, " if result.skipped_calls else "")
+        + f"judge time: {result.judge_seconds:.1f} s. "
         "Policy: ties, disagreements, unusable answers and judge errors keep the current best."
     )
-    if result.judge_calls and result.judge_errors == result.judge_calls:
-        lines.append("WARNING: every judge call failed, so the first candidate was kept without any judging.")
-    elif result.judge_calls and result.unusable_answers + result.judge_errors == result.judge_calls:
-        lines.append(
-            "WARNING: no judge answer was usable, so the first candidate was kept without any judging."
-        )
     return "\n".join(lines)
 
 

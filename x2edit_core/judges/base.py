@@ -5,8 +5,9 @@ source and keeps a running winner. A judge here gets the original image, two can
 instruction, and answers 1 or 2 with a short reason:
 
 - `ServedJudge`: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, llama.cpp, LM Studio,
-  Ollama, hosted APIs). Images go inline as base64 PNG data URLs; the API key is read from an
-  environment variable whose *name* is configured, so no key ever sits in a workflow.
+  Ollama, hosted APIs). Images go inline as base64 PNG data URLs; the API key comes from an
+  environment variable the machine's owner released for judges (see `api_keys`), never from a
+  workflow.
 - `LocalVLMJudge`: a transformers VLM from a local folder (Qwen2-VL / Qwen2.5-VL family, others
   through `AutoModelForImageTextToText`), loaded on first use and released afterwards so that the
   diffusion model gets its memory back.
@@ -26,12 +27,15 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import JudgeConfigError
+from ..errors import JudgeConfigError, JudgeError, JudgeUnavailableError
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPT",
     "IMAGE_LABELS",
     "Judge",
+    "JudgeConnectionError",
+    "JudgeDeadlineError",
+    "JudgeFailedError",
     "JudgeVerdict",
     "build_judge_prompt",
     "image_to_pil",
@@ -57,6 +61,19 @@ DEFAULT_JUDGE_PROMPT = (
 INSTRUCTION_PLACEHOLDER = "{instruction}"
 _PLACEHOLDER_RE = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 _REASON_MAX_CHARS = 600
+
+
+class JudgeConnectionError(JudgeUnavailableError):
+    """The judge server could not be reached at all (refused, unknown host, network down)."""
+
+
+class JudgeDeadlineError(JudgeUnavailableError):
+    """The judging time budget (the early filter's deadline) ran out before the judge answered."""
+
+
+class JudgeFailedError(JudgeError, RuntimeError):
+    """Judging failed as a whole (no usable answer, or the first call could not connect), so the
+    early filter stops instead of silently keeping an unjudged candidate."""
 
 
 @dataclass(frozen=True)
@@ -347,9 +364,14 @@ class Judge:
     in IMAGE_LABELS) with the prompt, and returns a verdict whose choice is None when the answer named
     no winner. Raises JudgeConfigError when the judge is set up wrongly, JudgeUnavailableError when
     it gave no reply.
+
+    `deadline` is a `time.monotonic()` instant set by the selection while it calls the judge (None:
+    no limit). A judge that waits (network, retries) must give up by then with JudgeDeadlineError; a
+    judge that cannot stop mid-call is still bounded between calls by the selection.
     """
 
     prompt_template: str | None = None
+    deadline: float | None = None
 
     def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
         raise NotImplementedError

@@ -44,6 +44,8 @@ def _flux_widths_from_shapes(state_dict, key_prefix):
         "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
         "final": f"{key_prefix}final_layer.linear.weight",
     }
+    if keys["head"] not in state_dict:  # newer releases name the RMSNorm gain "weight" (diffusers conversion)
+        keys["head"] = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.weight"
     if any(k not in state_dict for k in keys.values()):
         return None
     hidden = state_dict[keys["img_in"]].shape[0]
@@ -393,3 +395,38 @@ class X2EditTestModelForward:
 
 NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
+
+
+# --- fixed conditioning from a file (appended for tests/comfy/test_x2edit_condition.py) ---
+
+
+class X2EditTestLoadConditioning:
+    """CONDITIONING from `cond` [B, T, D], `pooled` [B, P] and optional `guidance` [1] tensors in a
+    safetensors file of the input directory, so tests can feed the same text to a reference model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "conditioning.safetensors"})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, filename):
+        tensors = load_file(os.path.join(folder_paths.get_input_directory(), filename))
+        extra = {"pooled_output": tensors["pooled"]}
+        if "guidance" in tensors:
+            extra["guidance"] = float(tensors["guidance"].item())
+        return ([[tensors["cond"], extra]],)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestLoadConditioning"] = X2EditTestLoadConditioning
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestLoadConditioning"] = "X2Edit Test Load Conditioning"
+
+
+# --- X2Edit text path: tiny Qwen2.5-VL via CLIPLoader, tensor writers (tests/comfy/test_x2edit_text.py) ---
+
+from . import qwen_text_support  # noqa: E402  (installs its loader hook at import)
+
+NODE_CLASS_MAPPINGS.update(qwen_text_support.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(qwen_text_support.NODE_DISPLAY_NAME_MAPPINGS)
