@@ -22,6 +22,15 @@ NODE_MODULES = (
 )
 
 
+def search_aliases(*aliases: str) -> dict:
+    """`io.Schema` keyword giving node-search aliases, on releases whose schema has the field; older
+    releases' frontends search only names and display names, so there it is left out."""
+    from comfy_api.latest import io
+
+    supported = "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {})
+    return {"search_aliases": list(aliases)} if supported else {}
+
+
 def load_node_classes() -> list:
     classes = []
     for name in NODE_MODULES:

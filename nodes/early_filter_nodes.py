@@ -17,6 +17,7 @@ from ..x2edit_core.early_filter import MODES, SEED_MODULUS, make_plan
 from ..x2edit_core.errors import ConfigError, JudgeConfigError
 from ..x2edit_core.judges import LocalVLMJudge, ServedJudge, check_served_judge_settings
 from ..x2edit_core.selection import JUDGE_VIEWS, SELECTIONS
+from . import search_aliases
 from .early_filter import run_early_filter, run_early_filter_advanced
 
 try:  # ComfyUI's own NOISE object, so SamplerCustomAdvanced treats ours like RandomNoise's
@@ -320,6 +321,7 @@ class X2EditEarlyFilter(io.ComfyNode):
             node_id="X2EditEarlyFilter",
             display_name="X2Edit Early Filter",
             category="x2edit/early-filter",
+            **search_aliases("ICEdit early filter", "inference-time scaling"),
             description="ICEdit's inference-time scaling: samples M noises for m early steps, lets a VLM "
             "judge keep the best early edit (pairwise, running winner) and finishes the winner with n "
             "steps. paper: the winner is re-run (NFE n + M*m); resume: it continues from step m "
