@@ -8,6 +8,10 @@ best early result and runs the winning noise for the full n steps. Two ways to g
 - `resume`: each candidate runs the first m steps of the n-step schedule and is judged on the
   predicted x0 at that point; the winner continues from step m. NFE = M*m + (n - m).
 
+With adaptive selection (x2edit_core.selection.select_adaptive) candidates are drawn batch by batch
+and drawing stops once one scores well enough: the NFE above then counts the K <= M candidates
+drawn, n + K*m or K*m + n - m.
+
 NFE here counts sampler steps (one model evaluation per step for first-order samplers such as euler;
 second-order samplers take more per step, in every mode alike). Candidate i uses seed `seed + i`
 (wrapping at 2**64, ComfyUI's seed range), so candidate 0 is the plain run of the given seed.
@@ -23,6 +27,7 @@ __all__ = [
     "MODES",
     "SEED_MODULUS",
     "EarlyFilterPlan",
+    "adaptive_nfe_line",
     "candidate_seeds",
     "format_filter_report",
     "make_plan",
@@ -177,3 +182,13 @@ def format_filter_report(
             "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()) + "."
         )
     return "\n".join(lines)
+
+
+def adaptive_nfe_line(plan: EarlyFilterPlan, drawn: int, threshold: float) -> str:
+    """The adaptive selection's cost: candidates drawn of the budget and NFE spent of the most possible."""
+    spent = nfe(plan.mode, drawn, plan.early_steps, plan.total_steps)
+    return (
+        f"Adaptive selection (threshold {threshold:g}): drew {drawn} of {plan.candidates} candidate(s); NFE "
+        f"spent {spent} = {spent / plain_nfe(plan.total_steps):.2f}x a plain run (budget {plan.nfe} = "
+        f"{plan.nfe_ratio:.2f}x)."
+    )

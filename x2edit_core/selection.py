@@ -18,11 +18,16 @@ Policy, stated once:
   nothing was judged. `keep_first_on_failure=True` asks for that fall-back instead (warned about);
 - `deadline_s` bounds the whole judging (every call and every retry inside a judge): calls not yet
   asked when it passes are skipped and counted as errors.
+
+`select_adaptive` is the other way to choose: each candidate is scored on its own (VIEScore-style,
+x2edit_core.judges.scoring) as soon as it is drawn, and drawing stops once one scores at least a
+threshold, so easy edits spend fewer candidates than the budget M. Its failure rules are the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +39,14 @@ from .judges.base import Judge, JudgeConnectionError, JudgeFailedError, JudgeVer
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SELECTIONS",
+    "AdaptiveResult",
     "Comparison",
     "JudgeCall",
     "SelectionResult",
     "format_report",
     "judge_view",
+    "select_adaptive",
     "select_best",
     "to_judge_image",
 ]
@@ -323,6 +331,159 @@ def format_report(
         + (f"not asked (deadline): {result.skipped_calls}, " if result.skipped_calls else "")
         + f"judge time: {result.judge_seconds:.1f} s. "
         "Policy: ties, disagreements, unusable answers and judge errors keep the current best."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Adaptive selection: score candidates as they are drawn, stop once one is good enough
+
+SELECTIONS = ("pairwise", "adaptive")
+
+
+@dataclass
+class AdaptiveResult:
+    """Outcome of `select_adaptive`: the winner among the candidates drawn, and how many were drawn."""
+
+    winner_index: int
+    drawn: int  # candidates sampled and offered to the judge (the NFE counts these)
+    cap: int  # the candidate budget M
+    threshold: float
+    stopped_early: bool  # a candidate reached the threshold before the budget ran out
+    calls: list  # ScoreCall per scored candidate, in drawing order
+    judge_calls: int
+    unusable_answers: int
+    judge_errors: int
+    judge_seconds: float
+    skipped_calls: int = 0
+    warnings: list[str] = field(default_factory=list)
+    fell_back: bool = False
+    report: str = ""
+
+    @property
+    def scores(self) -> list[float | None]:
+        return [call.overall for call in self.calls]
+
+
+def select_adaptive(
+    batches: Sequence[Sequence[int]],
+    draw: Callable[[list[int]], Sequence[Any]],
+    original: Any,
+    instruction: str,
+    judge: Any,
+    *,
+    threshold: float,
+    labels: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], Any] | None = None,
+    deadline_s: float | None = None,
+    keep_first_on_failure: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+    prompt_template: str | None = None,
+) -> AdaptiveResult:
+    """Draw candidates batch by batch, score each (pointwise, `judge.score`) and stop drawing once one
+    reaches `threshold` (overall score, 0-10); the budget is every index in `batches`.
+
+    draw(indices) samples those candidates and returns their images as the judge takes them. Within a
+    batch, judging stops at the first candidate that reaches the threshold (the rest of that batch
+    were sampled but are not judged). The winner is the best-scored candidate drawn (ties: the earlier
+    one); it is the one that reached the threshold when the run stopped early. When the deadline
+    passes, no further batch is drawn. Failures follow ScoringSession's rules (the same as the
+    pairwise selection's): a first call that cannot connect, or no usable score at all, raises
+    JudgeFailedError unless keep_first_on_failure.
+    """
+    from .judges.scoring import ScoringSession
+
+    if not math.isfinite(threshold):
+        raise ConfigError(f"The adaptive threshold must be a number, got {threshold}.")
+    cap = sum(len(batch) for batch in batches)
+    if cap == 0:
+        raise ConfigError("The early filter got no candidates to choose from: use at least one candidate.")
+    if labels is not None and len(labels) != cap:
+        raise ConfigError(f"{len(labels)} labels for {cap} candidates: give one label per candidate or none.")
+    session = ScoringSession(
+        judge,
+        instruction,
+        prompt_template=prompt_template,
+        deadline_s=deadline_s,
+        keep_first_on_failure=keep_first_on_failure,
+        clock=clock,
+        log_prefix="x2edit early filter",
+        labels=labels,
+        noun="candidate",
+    )
+    drawn = 0
+    stopped_early = False
+    for batch in batches:
+        if session.expired:
+            break
+        images = list(draw(list(batch)))
+        if len(images) != len(batch):
+            raise ConfigError(f"draw() returned {len(images)} images for {len(batch)} candidates.")
+        drawn += len(batch)
+        for index, image in zip(batch, images):
+            if should_stop is not None and should_stop():
+                raise SelectionInterrupted(
+                    f"The adaptive early filter was stopped after {len(session.calls)} judge calls."
+                )
+            call = session.score(index, original, image)
+            if progress is not None:
+                progress(len(session.calls), cap)
+            if call.overall is not None and call.overall >= threshold:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+    session.finish("no candidate can be chosen")
+    scored = session.result()
+    order = [scored.calls[i].index for i in scored.order]
+    winner = batches[0][0] if session.fell_back else order[0]
+    result = AdaptiveResult(
+        winner_index=winner,
+        drawn=drawn,
+        cap=cap,
+        threshold=threshold,
+        stopped_early=stopped_early and drawn < cap,
+        calls=scored.calls,
+        judge_calls=len(scored.calls) - scored.skipped_calls,
+        unusable_answers=scored.unusable_answers,
+        judge_errors=scored.judge_errors,
+        judge_seconds=scored.judge_seconds,
+        skipped_calls=scored.skipped_calls,
+        warnings=scored.warnings,
+        fell_back=session.fell_back,
+    )
+    result.report = format_adaptive_report(result, judge, labels)
+    return result
+
+
+def format_adaptive_report(result: AdaptiveResult, judge: Any, labels: Sequence[str] | None) -> str:
+    """Every scored candidate with its scores and reason, where drawing stopped and why, the winner."""
+    from .judges.scoring import format_score_line
+
+    describe = getattr(judge, "describe", None)
+    judge_name = describe() if callable(describe) else type(judge).__name__
+    lines = [f"WARNING: {warning}" for warning in result.warnings]
+    lines.append(
+        f"Adaptive early-filter selection by {judge_name}: candidates are scored as they are drawn "
+        f"(overall O = sqrt(SC*PQ), 0-10) and drawing stops once one reaches {result.threshold:g}; "
+        f"budget {result.cap} candidate(s)."
+    )
+    for call in result.calls:
+        lines.append(format_score_line(f"   {_label(call.index, labels)}", call))
+    if result.stopped_early:
+        stop = f"stopped after {result.drawn} of {result.cap} candidate(s): threshold reached"
+    elif any(c.overall is not None and c.overall >= result.threshold for c in result.calls):
+        stop = f"drew all {result.drawn} candidate(s); the last batch reached the threshold"
+    else:
+        stop = (
+            f"drew {result.drawn} of {result.cap} candidate(s); none reached the threshold, the best is kept"
+        )
+    lines.append(
+        f"Drawing {stop}. Winner: {_label(result.winner_index, labels)}. Judge calls: {result.judge_calls}, "
+        f"unusable answers: {result.unusable_answers}, judge errors: {result.judge_errors}, "
+        + (f"not asked (deadline): {result.skipped_calls}, " if result.skipped_calls else "")
+        + f"judge time: {result.judge_seconds:.1f} s."
     )
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ instruction, and answers 1 or 2 with a short reason:
   through `AutoModelForImageTextToText`), loaded on first use and released afterwards so that the
   diffusion model gets its memory back.
 
-Answers are parsed by `parse_choice`; an unusable answer gives a verdict with `choice=None`, which
+Judges also score a single edit (`score`, VIEScore-style SC/PQ/overall; prompt and parsing in
+`scoring`). Answers are parsed by `parse_choice`; an unusable answer gives a verdict with `choice=None`, which
 the selection (x2edit_core.selection) counts and handles by keeping the current best.
 """
 
@@ -371,10 +372,17 @@ class Judge:
     """
 
     prompt_template: str | None = None
+    score_prompt_template: str | None = None
     deadline: float | None = None
 
     def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
         raise NotImplementedError
+
+    def score(self, source: Any, edited: Any, instruction: str, *, prompt_template: str | None = None):
+        """Pointwise scoring (x2edit_core.judges.scoring): the source, one edit and the instruction ->
+        EditScore with SC, PQ and overall on 0-10 (all None for an unusable answer). Same errors as
+        `compare`. prompt_template overrides the judge's scoring prompt for this call."""
+        raise NotImplementedError(f"{self.describe()} has no pointwise scoring")
 
     def release(self) -> None:
         """Free the judge's memory (GPU first). A later `compare` loads it again when needed."""
@@ -385,3 +393,11 @@ class Judge:
 
     def prompt(self, instruction: str) -> str:
         return build_judge_prompt(instruction, self.prompt_template)
+
+    def score_prompt(self, instruction: str, template: str | None = None) -> str:
+        """The scoring prompt: `template`, else the judge's own scoring template, else the default."""
+        from .scoring import build_score_prompt
+
+        return build_score_prompt(
+            instruction, template if template is not None else self.score_prompt_template
+        )

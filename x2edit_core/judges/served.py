@@ -24,6 +24,7 @@ from .base import (
     validate_prompt_template,
     verdict_from_answer,
 )
+from .scoring import SCORE_IMAGE_LABELS, EditScore, edit_score_from_answer
 
 
 def _chat_completions_url(base_url: str) -> str:
@@ -105,6 +106,7 @@ class ServedJudge(Judge):
         max_tokens: int = 256,
         temperature: float = 0.0,
         prompt_template: str | None = None,
+        score_prompt_template: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,22 +132,22 @@ class ServedJudge(Judge):
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.prompt_template = None if prompt_template is None else validate_prompt_template(prompt_template)
+        self.score_prompt_template = (
+            None if score_prompt_template is None else validate_prompt_template(score_prompt_template)
+        )
         self._sleep = sleep
         self._clock = clock
 
     def describe(self) -> str:
         return f"served judge {self.model} at {self.url}"
 
-    def build_request_body(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> dict:
-        images = [
-            limit_image_side(image_to_pil(im), self.max_image_side)
-            for im in (candidate_1, candidate_2, original)
-        ]
+    def _request_body(self, images: list[Any], labels: tuple[str, ...], text: str) -> dict:
         content: list[dict] = []
-        for label, image in zip(IMAGE_LABELS, images):
+        for label, image in zip(labels, images):
+            picture = limit_image_side(image_to_pil(image), self.max_image_side)
             content.append({"type": "text", "text": label})
-            content.append({"type": "image_url", "image_url": {"url": png_data_url(image)}})
-        content.append({"type": "text", "text": self.prompt(instruction)})
+            content.append({"type": "image_url", "image_url": {"url": png_data_url(picture)}})
+        content.append({"type": "text", "text": text})
         return {
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
@@ -153,17 +155,36 @@ class ServedJudge(Judge):
             "temperature": self.temperature,
         }
 
-    def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
-        body = self.build_request_body(original, candidate_1, candidate_2, instruction)
+    def build_request_body(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> dict:
+        return self._request_body(
+            [candidate_1, candidate_2, original], IMAGE_LABELS, self.prompt(instruction)
+        )
+
+    def build_score_request_body(
+        self, source: Any, edited: Any, instruction: str, prompt_template: str | None = None
+    ) -> dict:
+        text = self.score_prompt(instruction, prompt_template)
+        return self._request_body([source, edited], SCORE_IMAGE_LABELS, text)
+
+    def _answer(self, body: dict) -> str:
         reply = self._post(json.dumps(body).encode("utf-8"))
         try:
-            answer = _content_text(reply["choices"][0]["message"]["content"])
+            return _content_text(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError) as exc:
             raise JudgeUnavailableError(
                 f"The judge server at {self.url} answered without choices[0].message.content: "
                 f"{json.dumps(reply)[:500]}; check that it is an OpenAI-compatible chat-completions API."
             ) from exc
-        return verdict_from_answer(answer)
+
+    def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
+        body = self.build_request_body(original, candidate_1, candidate_2, instruction)
+        return verdict_from_answer(self._answer(body))
+
+    def score(
+        self, source: Any, edited: Any, instruction: str, *, prompt_template: str | None = None
+    ) -> EditScore:
+        body = self.build_score_request_body(source, edited, instruction, prompt_template)
+        return edit_score_from_answer(self._answer(body))
 
     def _remaining(self) -> float | None:
         """Seconds left before the selection's deadline (None: no deadline)."""

@@ -279,6 +279,13 @@ NODE_DISPLAY_NAME_MAPPINGS["X2EditTestCLIP"] = "X2Edit Test CLIP"
 # --- early filter: a judge that knows the "true quality" (appended for tests/comfy/test_early_filter.py) ---
 
 
+def _x2edit_module(suffix, attribute):
+    for name, module in list(sys.modules.items()):
+        if name.endswith(suffix) and hasattr(module, attribute):
+            return module
+    raise RuntimeError(f"X2EditTestScriptedJudge: the x2edit pack's {suffix} is not loaded")
+
+
 def _x2edit_judge_module():
     # The x2edit pack is loaded by ComfyUI under its folder name; find its judge module at call time
     # so the verdict is the pack's own JudgeVerdict class whatever the load order.
@@ -318,6 +325,20 @@ class ScriptedJudge:
             choice = 1 if (q1 >= q2) == (self.prefer == "brighter") else 2
         reason = f"scripted {self.prefer}: image {choice} (size {candidate_1.size}, original {original.size})"
         return verdict_class(choice, reason, f"{choice}\n{reason}")
+
+    def score(self, source, edited, instruction, *, prompt_template=None):
+        """SC = PQ = overall = the known quality on 0-10 (brightness / 25.5; "darker": 10 minus it);
+        "first"/"second" score every edit 5; "unusable" gives an answer without scores."""
+        scoring = _x2edit_module("x2edit_core.judges.scoring", "EditScore")
+        self.calls += 1
+        if self.prefer == "unusable":
+            return scoring.EditScore(None, None, None, "", "It looks fine to me.")
+        value = 5.0
+        if self.prefer in ("brighter", "darker"):
+            value = self.quality(edited) / 25.5
+            value = value if self.prefer == "brighter" else 10.0 - value
+        reason = f"scripted {self.prefer}: {value:.3f} (size {edited.size}, source {source.size})"
+        return scoring.EditScore(value, value, value, reason, f"SC: {value}, PQ: {value}")
 
     def release(self):
         self.released += 1
