@@ -210,6 +210,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps)
         )
+        if ckpt.engine_kind(acc) == "deepspeed":
+            # DeepSpeed sizes its engine from a prepared DataLoader; ours is built later, per resume.
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+            ds_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
         self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
         self.step = 0
@@ -415,7 +420,7 @@ class Trainer:
 
         plain = set(self.placement.plain_modules)
         adapters = [
-            MoEAdapter(name, w.apply, moe(name, w.moe))
+            MoEAdapter(name, w.apply_mode, moe(name, w.moe))
             for name, w in self.model.adapted.items()
             if name not in plain
         ]

@@ -1,9 +1,11 @@
-"""Runs ``x2edit-train`` under an accelerate engine on CPU processes (gloo), for tests/train/test_engines.py.
+"""Runs ``x2edit-train`` under a shipped accelerate engine config on CPU processes (gloo), for
+tests/train/test_engines.py.
 
-accelerate runs FSDP only on accelerators, so this entry applies the FSDP plugin that the shipped
-accelerate config describes (its environment is prepared by ``accelerate launch``'s own code) to a
-CPU run; torch's FSDP2 itself shards over gloo. Usage: ``python -m torch.distributed.run ...
-engine_entry.py ACCELERATE_CONFIG -- TRAIN ARGS``.
+The engine's environment comes from ``accelerate launch``'s own code for the given config file.
+accelerate runs FSDP only on accelerators, so for an FSDP config this entry also applies the FSDP
+plugin that environment describes to the CPU run; torch's FSDP2 itself shards over gloo. DeepSpeed
+runs on its CPU accelerator as it is. Usage: ``python -m torch.distributed.run ... engine_entry.py
+ACCELERATE_CONFIG -- TRAIN ARGS``.
 """
 
 import os
@@ -13,24 +15,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 
-def fsdp_env(config_file: str, num_processes: int) -> dict[str, str]:
-    """The FSDP_* environment ``accelerate launch --config_file`` would give each process."""
+def engine_env(config_file: str, num_processes: int) -> dict[str, str]:
+    """The engine variables (FSDP_*, ACCELERATE_*DEEPSPEED*) ``accelerate launch --config_file`` sets."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_multi_gpu_env
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
     args = launch_command_parser().parse_args(
         ["--config_file", config_file, "--num_processes", str(num_processes), "entry.py"]
     )
-    args = _validate_launch_command(args)[0]
-    env = prepare_multi_gpu_env(args)
-    return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command does before its DeepSpeed launcher
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config) if defaults else ""
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    keep = (
+        "FSDP_",
+        "ACCELERATE_USE_FSDP",
+        "ACCELERATE_USE_DEEPSPEED",
+        "ACCELERATE_DEEPSPEED_",
+        "ACCELERATE_GRADIENT",
+    )
+    return {k: v for k, v in env.items() if k.startswith(keep)}
 
 
-def force_fsdp_on_cpu(config_file: str, num_processes: int):
+def use_engine(config_file: str, num_processes: int):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    os.environ.update(fsdp_env(config_file, num_processes))
+    env = engine_env(config_file, num_processes)
+    os.environ.update(env)
+    if env.get("ACCELERATE_USE_FSDP") != "true":
+        return
     init = Accelerator.__init__
 
     def patched(self, *args, **kwargs):
@@ -44,7 +60,7 @@ def force_fsdp_on_cpu(config_file: str, num_processes: int):
 
 if __name__ == "__main__":
     config_file, rest = sys.argv[1], sys.argv[sys.argv.index("--") + 1 :]
-    force_fsdp_on_cpu(config_file, int(os.environ.get("WORLD_SIZE", "1")))
+    use_engine(config_file, int(os.environ.get("WORLD_SIZE", "1")))
     from train.cli import main
 
     sys.exit(main(rest))
