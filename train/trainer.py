@@ -576,6 +576,7 @@ class Trainer:
             ):
                 self.save_checkpoint()
         bar.close()
+        self._loader_iter = None  # shuts the loader workers down
         final = None
         if self.step > start_step or not resumed:
             self.save_checkpoint()
