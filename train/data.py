@@ -269,18 +269,21 @@ def _tar_record(path: str, key: str, group: dict, default_task: int, num_tasks: 
 
 def iter_tar(path: str, default_task: int, num_tasks: int):
     """Stream a WebDataset shard: a sample's members are adjacent, so a sample is complete when the
-    next key starts. Image data is skipped (seeked over), only the json is read."""
+    next key starts. Image data is skipped (seeked over), only the json is read. A damaged shard
+    counts as one bad record and ends there (the samples read before the damage are kept)."""
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{path}: not a readable tar shard ({e})") from e
+        yield Skip(path, f"not a readable tar shard ({e})")
+        return
     with tf:
         key, group = None, {}
         while True:
             try:
                 info = tf.next()
             except (tarfile.TarError, OSError) as e:
-                raise DataError(f"{path}: not a readable tar shard ({e})") from e
+                yield Skip(path, f"damaged tar shard ({e})")
+                return
             tf.members = []  # tarfile would otherwise remember every member of the shard
             if info is None:
                 break

@@ -250,6 +250,7 @@ def test_stream_replaces_and_counts_bad_records(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "shard-003.tar").write_bytes(b"not a tar" * 100)  # a damaged shard
     stream = EditStream(list_shards([str(tmp_path / "*.tar")]), 2, 16, False, shuffle_buffer=8)
     tracker = BadRecordTracker(max_fraction=0.5)
     keys = []
@@ -257,10 +258,12 @@ def test_stream_replaces_and_counts_bad_records(tmp_path):
         tracker.add(batch["stats"])
         keys += batch["keys"]
         assert len(batch["keys"]) == 2
-    assert tracker.count == 3 and tracker.seen == 9  # two corrupt sources, one incomplete sample
+    # two corrupt sources, one incomplete sample, one damaged shard
+    assert tracker.count == 4 and tracker.seen == 10
     assert not {k for k in keys if k.endswith(("s0_1", "s1_2"))}
     assert any("needs json, 1.0.jpg and 2.jpg" in e for e in tracker.examples)
     assert any("corrupt image" in e for e in tracker.examples)
+    assert any("tar shard" in e for e in tracker.examples)
 
 
 def test_training_diptych_layout():
