@@ -8,8 +8,9 @@ loader work per batch should not depend on the set's size, so the ratio should b
 
 Printed per set: records, shards, start-up seconds (listing the shards up to the first batch, which
 comes once a worker's shuffle buffer is full: a fixed number of image headers, whatever the set) and
-samples/s over the measured batches (medians of rounds that alternate between the sets), then the
-100k / 1k ratios.
+samples/s over the measured batches, and the CPU milliseconds per sample of the same batches formed
+and decoded in one process (medians of rounds that alternate between the sets), then the 100k / 1k
+ratios. On a machine shared with other work the wall-clock rate is noisy; the CPU time is steadier.
 
     python benchmarks/data_throughput.py                 # a few minutes on 2 CPU cores
 """
@@ -93,7 +94,21 @@ def measure(folder: str, args) -> dict:
         n += len(next(it)["keys"])
     seconds = time.perf_counter() - t1
     del it
-    return {"shards": len(shards), "startup": startup, "samples_per_s": n / seconds, "samples": n}
+    # The same batches formed and decoded in this process: CPU time per sample, which the other
+    # programs on a shared machine disturb much less than the wall clock.
+    it = iter(EditStream(shards, args.batch, args.resolution, True, seed=0, shuffle_buffer=args.buffer))
+    for _ in range(args.warmup + 1):
+        next(it)
+    c0 = time.process_time()
+    m = sum(len(next(it)["keys"]) for _ in range(args.batches))
+    cpu_ms = (time.process_time() - c0) / m * 1000
+    return {
+        "shards": len(shards),
+        "startup": startup,
+        "samples_per_s": n / seconds,
+        "samples": n,
+        "cpu_ms": cpu_ms,
+    }
 
 
 def main(argv=None):
@@ -134,6 +149,7 @@ def main(argv=None):
             r.update(runs[0])
             r["startup"] = statistics.median(x["startup"] for x in runs)
             r["samples_per_s"] = statistics.median(x["samples_per_s"] for x in runs)
+            r["cpu_ms"] = statistics.median(x["cpu_ms"] for x in runs)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -142,18 +158,21 @@ def main(argv=None):
         f"loader: batch {args.batch}, {args.workers} workers, shuffle buffer {args.buffer}, "
         f"{args.side}px JPEG pairs -> {args.resolution}px panels, aspect buckets from image headers"
     )
-    print(f"{'records':>9} {'shards':>7} {'write s':>8} {'start-up s':>11} {'samples/s':>10} {'measured':>9}")
+    print(
+        f"{'records':>9} {'shards':>7} {'write s':>8} {'start-up s':>11} {'samples/s':>10} {'measured':>9} "
+        f"{'CPU ms/sample (1 process)':>26}"
+    )
     for r in rows:
         print(
             f"{r['records']:>9} {r['shards']:>7} {r['written']:>8.1f} {r['startup']:>11.3f} "
-            f"{r['samples_per_s']:>10.1f} {r['samples']:>9}"
+            f"{r['samples_per_s']:>10.1f} {r['samples']:>9} {r['cpu_ms']:>26.3f}"
         )
     if len(rows) >= 2:
         a, b = rows[0], rows[-1]
         speed, startup = b["samples_per_s"] / a["samples_per_s"], b["startup"] / a["startup"]
         print(
-            f"{b['records']} vs {a['records']} records: "
-            f"samples/s ratio {speed:.2f}, start-up ratio {startup:.2f}"
+            f"{b['records']} vs {a['records']} records: samples/s ratio {speed:.2f}, start-up ratio "
+            f"{startup:.2f}, CPU per sample ratio {b['cpu_ms'] / a['cpu_ms']:.2f}"
         )
     return rows
 
