@@ -8,6 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..x2edit_core.formats import load_adapters
+from . import search_aliases
 from .patching import ROUTING_MODES, ROUTING_NATIVE, apply_adapters
 
 _cache: dict = {}  # (path, mtime, size) -> LoadedAdapters; one entry, like core LoraLoader's cache
@@ -29,6 +30,7 @@ class X2EditMoELoRALoader(io.ComfyNode):
             node_id="X2EditMoELoRALoader",
             display_name="X2Edit MoE-LoRA Loader",
             category="x2edit/loaders",
+            **search_aliases("ICEdit MoE-LoRA", "mixture of experts LoRA"),
             description=(
                 "Loads a mixture-of-experts LoRA exactly onto a FLUX model (dev, Fill or Kontext): ICEdit's "
                 "MoE-LoRA, an X2Edit checkpoint folder (pick its lora.safetensors), an x2edit-trained file, "
@@ -73,7 +75,11 @@ class X2EditMoELoRALoader(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The patched model."),
-                io.String.Output("report", tooltip="What was loaded: format, experts, layers, ignored keys."),
+                io.String.Output(
+                    "report",
+                    display_name="report",
+                    tooltip="What was loaded: format, experts, layers, ignored keys.",
+                ),
             ],
         )
 

@@ -11,7 +11,7 @@ Two paths, chosen per adapter:
   this patcher chain (or the class's own ``forward``: a stale instance patch from another clone is never
   called) and adds the MoE delta on the fused rows it owns.
 
-A stale patch can stay installed while another clone samples (see REFERENCE.md section 3), so the delta
+A stale patch can stay installed while another clone samples (docs/reference.md, ComfyUI host), so the delta
 is only added while this loader's DIFFUSION_MODEL wrapper is running: the wrapper publishes, in a context
 variable, which patch sets are active for this call and their task embedding.
 """

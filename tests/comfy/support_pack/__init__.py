@@ -44,6 +44,8 @@ def _flux_widths_from_shapes(state_dict, key_prefix):
         "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
         "final": f"{key_prefix}final_layer.linear.weight",
     }
+    if keys["head"] not in state_dict:  # newer releases name the RMSNorm gain "weight" (diffusers conversion)
+        keys["head"] = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.weight"
     if any(k not in state_dict for k in keys.values()):
         return None
     hidden = state_dict[keys["img_in"]].shape[0]
@@ -269,6 +271,13 @@ NODE_DISPLAY_NAME_MAPPINGS["X2EditTestCLIP"] = "X2Edit Test CLIP"
 # --- early filter: a judge that knows the "true quality" (appended for tests/comfy/test_early_filter.py) ---
 
 
+def _x2edit_module(suffix, attribute):
+    for name, module in list(sys.modules.items()):
+        if name.endswith(suffix) and hasattr(module, attribute):
+            return module
+    raise RuntimeError(f"X2EditTestScriptedJudge: the x2edit pack's {suffix} is not loaded")
+
+
 def _x2edit_judge_module():
     # The x2edit pack is loaded by ComfyUI under its folder name; find its judge module at call time
     # so the verdict is the pack's own JudgeVerdict class whatever the load order.
@@ -308,6 +317,20 @@ class ScriptedJudge:
             choice = 1 if (q1 >= q2) == (self.prefer == "brighter") else 2
         reason = f"scripted {self.prefer}: image {choice} (size {candidate_1.size}, original {original.size})"
         return verdict_class(choice, reason, f"{choice}\n{reason}")
+
+    def score(self, source, edited, instruction, *, prompt_template=None):
+        """SC = PQ = overall = the known quality on 0-10 (brightness / 25.5; "darker": 10 minus it);
+        "first"/"second" score every edit 5; "unusable" gives an answer without scores."""
+        scoring = _x2edit_module("x2edit_core.judges.scoring", "EditScore")
+        self.calls += 1
+        if self.prefer == "unusable":
+            return scoring.EditScore(None, None, None, "", "It looks fine to me.")
+        value = 5.0
+        if self.prefer in ("brighter", "darker"):
+            value = self.quality(edited) / 25.5
+            value = value if self.prefer == "brighter" else 10.0 - value
+        reason = f"scripted {self.prefer}: {value:.3f} (size {edited.size}, source {source.size})"
+        return scoring.EditScore(value, value, value, reason, f"SC: {value}, PQ: {value}")
 
     def release(self):
         self.released += 1
@@ -393,3 +416,38 @@ class X2EditTestModelForward:
 
 NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
+
+
+# --- fixed conditioning from a file (appended for tests/comfy/test_x2edit_condition.py) ---
+
+
+class X2EditTestLoadConditioning:
+    """CONDITIONING from `cond` [B, T, D], `pooled` [B, P] and optional `guidance` [1] tensors in a
+    safetensors file of the input directory, so tests can feed the same text to a reference model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "conditioning.safetensors"})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, filename):
+        tensors = load_file(os.path.join(folder_paths.get_input_directory(), filename))
+        extra = {"pooled_output": tensors["pooled"]}
+        if "guidance" in tensors:
+            extra["guidance"] = float(tensors["guidance"].item())
+        return ([[tensors["cond"], extra]],)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestLoadConditioning"] = X2EditTestLoadConditioning
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestLoadConditioning"] = "X2Edit Test Load Conditioning"
+
+
+# --- X2Edit text path: tiny Qwen2.5-VL via CLIPLoader, tensor writers (tests/comfy/test_x2edit_text.py) ---
+
+from . import qwen_text_support  # noqa: E402  (installs its loader hook at import)
+
+NODE_CLASS_MAPPINGS.update(qwen_text_support.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(qwen_text_support.NODE_DISPLAY_NAME_MAPPINGS)
