@@ -43,30 +43,34 @@ from ..x2edit_core.x2edit_source import (
     restore_source,
 )
 from .comfy_v3 import io
+from .patching import transformer_options, with_transformer_options
 
 log = logging.getLogger("x2edit")
 
 CONDITION_OPTION = "x2edit_condition"  # transformer_options key: this call's condition (see _wrapper)
 WRAPPER_PREFIX = "x2edit_condition_"
 SourceGeometryType = io.Custom("X2EDIT_SOURCE_GEOMETRY")
+WHO = "X2Edit Condition Stream"
 
 
 # --- the patch -------------------------------------------------------------------------------------
 
 
-def _option_args(args, kwargs, index, name):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
-def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bool):
-    """DIFFUSION_MODEL wrapper: adds this model's condition to the call's transformer_options."""
+def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bool, signature):
+    """DIFFUSION_MODEL wrapper: adds this model's condition to the call's transformer_options.
+    ``signature``: the diffusion model's ``_forward`` signature, to find ``x`` and ``ref_latents`` by name
+    however the host passes them."""
 
     def wrapper(executor, *args, **kwargs):
-        # Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options, ...)
-        x = args[0]
-        if _option_args(args, kwargs, 5, "ref_latents") is not None:
+        options = transformer_options(wrapper, args, kwargs, WHO)
+        try:
+            call = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError as e:
+            raise RuntimeError(
+                f"{WHO}: FLUX was called with arguments its own forward does not take: {e}"
+            ) from e
+        x = call["x"]
+        if call.get("ref_latents") is not None or kwargs.get("ref_latents") is not None:
             raise ConfigError(
                 "X2Edit's condition stream replaces reference latents: remove the ReferenceLatent / Kontext "
                 "image conditioning from this X2Edit workflow."
@@ -83,12 +87,8 @@ def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bo
                 f"({latent.shape[0]}); give one source image, or as many as the latent batch."
             )
         cond = latent.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // latent.shape[0], 1, 1, 1)
-        options = _option_args(args, kwargs, 7, "transformer_options") or {}
         options = {**options, CONDITION_OPTION: (cond, offset, reference_rounding)}
-        if "transformer_options" in kwargs or len(args) <= 7:
-            kwargs["transformer_options"] = options
-        else:
-            args = (*args[:7], options, *args[8:])
+        args, kwargs = with_transformer_options(wrapper, args, kwargs, options, WHO)
         return executor(*args, **kwargs)
 
     return wrapper
@@ -178,6 +178,12 @@ def _make_forward_orig(dm):
     return forward_orig
 
 
+def _call_signature(function) -> inspect.Signature:
+    """``function``'s signature without its ``self``: the arguments a DIFFUSION_MODEL wrapper receives."""
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    return inspect.Signature(parameters)
+
+
 def has_condition_stream(model) -> bool:
     wrappers = model.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
     return any(k.startswith(WRAPPER_PREFIX) for k in wrappers)
@@ -215,7 +221,9 @@ def apply_condition_stream(model, latent: dict, offset: int = OFFSET_1024, refer
     patched.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
         key,
-        _condition_wrapper(processed, int(offset), bool(reference_rounding)),
+        _condition_wrapper(
+            processed, int(offset), bool(reference_rounding), _call_signature(type(dm)._forward)
+        ),
     )
     log.info(
         "x2edit condition stream: source %dx%d latent, batch %d, offset %d%s",
