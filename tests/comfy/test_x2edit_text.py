@@ -150,3 +150,43 @@ def test_clear_errors(comfy, tiny_text):
         comfy.run(_encode_prompt("make it red", clip=False))
     with pytest.raises((ComfyExecutionError, ComfyValidationError), match="AlignNet|alignnet"):
         comfy.run(_encode_prompt("make it red", alignnet="nowhere/diffusion_pytorch_model.bin"))
+
+
+def test_alignnet_choice_is_checked_at_queue_time_and_its_form_when_read(comfy, tiny_text):
+    """A missing AlignNet (or Qwen folder) is refused when the prompt is queued (HTTP 400), before the
+    text encoder loads; a listed file that is no AlignNet fails when read, with the reason."""
+    te = comfy.add_file(
+        "text_encoders",
+        "x2edit_queue_check_qwen25vl.safetensors",
+        comfy.models_dir / "text_encoders" / TE_NAME,
+    )
+
+    def prompt(**inputs):
+        p = _encode_prompt("make it red", **inputs)
+        p["1"]["inputs"]["clip_name"] = te
+        return p
+
+    cases = {
+        "missing AlignNet": (
+            prompt(alignnet="nowhere/diffusion_pytorch_model.bin"),
+            "not found in the loras",
+        ),
+        "AlignNet outside loras": (prompt(alignnet=f"../text_encoders/{te}"), "not found in the loras"),
+        "missing Qwen folder": (prompt(qwen_folder="x2edit_no_such_qwen"), "is not under models/vlm"),
+    }
+    history = set(comfy.get("/history"))
+    offset = comfy.log_offset()
+    for case, (bad, needle) in cases.items():
+        with pytest.raises(ComfyValidationError) as refused:
+            comfy.queue(bad)
+        assert needle in str(refused.value), f"{case}: {refused.value}"
+    queue = comfy.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"]
+    assert set(comfy.get("/history")) == history
+    assert "CLIP/text encoder model load" not in comfy.log(offset)  # the text encoder never loaded
+
+    torch.save({"weight": torch.zeros(2, 2)}, str(comfy.loras_dir / "x2edit_not_an_alignnet_proj.pt"))
+    with pytest.raises(ComfyExecutionError, match="x2edit_not_an_alignnet_proj.pt: not an X2Edit AlignNet"):
+        comfy.run(prompt(alignnet="x2edit_not_an_alignnet_proj.pt"))
+    comfy.run(prompt())  # the same prompt with a good AlignNet loads the text encoder
+    assert "CLIP/text encoder model load" in comfy.log(offset)
