@@ -25,7 +25,7 @@ NODE_MODULES = (
 def search_aliases(*aliases: str) -> dict:
     """`io.Schema` keyword giving node-search aliases, on releases whose schema has the field; older
     releases' frontends search only names and display names, so there it is left out."""
-    from comfy_api.latest import io
+    from .comfy_v3 import io
 
     supported = "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {})
     return {"search_aliases": list(aliases)} if supported else {}

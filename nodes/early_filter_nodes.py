@@ -11,13 +11,13 @@ import os
 
 import comfy.samplers
 import folder_paths
-from comfy_api.latest import io, ui
 
 from ..x2edit_core.early_filter import MODES, SEED_MODULUS, make_plan
 from ..x2edit_core.errors import ConfigError, JudgeConfigError
 from ..x2edit_core.judges import LocalVLMJudge, ServedJudge, check_served_judge_settings
 from ..x2edit_core.selection import JUDGE_VIEWS, SELECTIONS
 from . import search_aliases
+from .comfy_v3 import io, ui
 from .early_filter import run_early_filter, run_early_filter_advanced
 
 try:  # ComfyUI's own NOISE object, so SamplerCustomAdvanced treats ours like RandomNoise's
@@ -198,6 +198,22 @@ class X2EditLocalVLMJudge(io.ComfyNode):
             ],
             outputs=[JudgeType.Output(display_name="judge", tooltip="The judge, for X2Edit Early Filter.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, folder=None, folder_path=""):
+        # At queue time, before the diffusion model loads; a linked input arrives as None (unknown yet).
+        if folder_path is None:
+            return True
+        if folder_path.strip():
+            path = folder_path.strip()
+            return True if os.path.isdir(path) else f"folder_path {path!r} is not a folder"
+        if isinstance(folder, str) and folder not in _vlm_folders():
+            return (
+                f"VLM folder {folder!r} is not under models/vlm or models/LLM "
+                f"(searched: {', '.join(folder_paths.get_folder_paths(VLM_FOLDER_KEY))}): put the model "
+                "folder there and refresh, or set folder_path."
+            )
+        return True
 
     @classmethod
     def execute(

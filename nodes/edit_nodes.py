@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..x2edit_core.diptych import DEFAULT_PANEL_WIDTH, MAX_PANEL_SIDE, crop_right_panel, make_diptych
 from ..x2edit_core.prompt import IC_PROMPT_TEMPLATE, build_ic_prompt
 from . import search_aliases
+from .comfy_v3 import io
 
 DiptychGeometryType = io.Custom("X2EDIT_DIPTYCH_GEOMETRY")
 

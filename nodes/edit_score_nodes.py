@@ -10,13 +10,13 @@ from __future__ import annotations
 import comfy.model_management
 import comfy.utils
 import torch
-from comfy_api.latest import io, ui
 
 from ..x2edit_core.errors import ConfigError
 from ..x2edit_core.judges import image_to_pil
 from ..x2edit_core.judges.scoring import format_score_line, score_edits
 from ..x2edit_core.selection import JUDGE_VIEWS, to_judge_image
 from . import search_aliases
+from .comfy_v3 import io, ui
 from .early_filter import _free_memory_for_judge
 from .early_filter_nodes import JudgeType
 

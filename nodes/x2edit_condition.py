@@ -25,7 +25,6 @@ import comfy.ldm.flux.math
 import comfy.model_management
 import comfy.patcher_extension
 import torch
-from comfy_api.latest import io
 
 from ..x2edit_core.condition_stream import (
     StreamInputs,
@@ -43,6 +42,7 @@ from ..x2edit_core.x2edit_source import (
     prepare_source,
     restore_source,
 )
+from .comfy_v3 import io
 
 log = logging.getLogger("x2edit")
 

@@ -20,7 +20,6 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
 
 from ..x2edit_core.alignnet import ALIGNNET_FILE, AlignNet, load_alignnet
 from ..x2edit_core.errors import ConfigError
@@ -34,6 +33,7 @@ from ..x2edit_core.x2edit_text import (
     rope_cos_sin,
     tokenize_prompt,
 )
+from .comfy_v3 import io
 
 log = logging.getLogger("x2edit")
 

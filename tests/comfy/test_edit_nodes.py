@@ -219,6 +219,6 @@ def test_task_router_classifies_with_a_local_lm_folder(comfy, tmp_path):
     assert _texts(entry, "4") == [str(expected)]
 
     prompt["2"]["inputs"]["lm_folder"] = str(tmp_path / "missing")
-    with pytest.raises(ComfyExecutionError, match="X2EditTaskRouter") as raised:
-        comfy.run(prompt)
-    assert "does not exist" in str(raised.value)
+    with pytest.raises(ComfyValidationError) as raised:  # refused when queued, before anything runs
+        comfy.queue(prompt)
+    assert "does not exist" in raised.value.body

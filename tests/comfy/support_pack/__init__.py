@@ -37,10 +37,13 @@ logger = logging.getLogger(__name__)
 
 def _flux_widths_from_shapes(state_dict, key_prefix):
     """FLUX widths read from tensor shapes; None if the keys are not those of a BFL-layout FLUX."""
+    # The RMSNorm gain is `.scale` in BFL files; newer releases name it `.weight` when converting
+    # diffusers files.
+    norm = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm."
     keys = {
         "img_in": f"{key_prefix}img_in.weight",
         "txt_in": f"{key_prefix}txt_in.weight",
-        "head": f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale",
+        "head": f"{norm}scale" if f"{norm}scale" in state_dict else f"{norm}weight",
         "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
         "final": f"{key_prefix}final_layer.linear.weight",
     }
@@ -72,13 +75,18 @@ def detect_unet_config_with_tiny_flux(state_dict, key_prefix, metadata=None):
         return config
     widths = _flux_widths_from_shapes(state_dict, key_prefix)
     if widths is None or all(config.get(k) == v for k, v in widths.items()):
+        logger.info("x2edit test support: FLUX widths left as ComfyUI detected them")
         return config  # a real FLUX.1: leave ComfyUI's own answer untouched
     logger.info("x2edit test support: tiny FLUX detected, widths from tensor shapes: %s", widths)
     return {**config, **widths}
 
 
-detect_unet_config_with_tiny_flux.x2edit_test_original = _original_detect_unet_config
-comfy.model_detection.detect_unet_config = detect_unet_config_with_tiny_flux
+if os.environ.get("X2EDIT_TEST_FLUX_DETECTION_HOOK", "1") == "0":
+    # A server started this way loads every model through ComfyUI's unmodified detection.
+    logger.info("x2edit test support: FLUX detection hook off")
+else:
+    detect_unet_config_with_tiny_flux.x2edit_test_original = _original_detect_unet_config
+    comfy.model_detection.detect_unet_config = detect_unet_config_with_tiny_flux
 
 
 # --- nodes ---
@@ -392,7 +400,9 @@ class X2EditTestModelForward:
         inputs = load_file(os.path.join(folder_paths.get_input_directory(), filename))
         comfy.model_management.load_models_gpu([model])
         diffusion_model = model.model.diffusion_model
-        device, dtype = model.load_device, model.model.get_dtype()
+        # The computation dtype: weights stored as fp8 (or packed by GGUF) are cast to it per layer.
+        device = model.load_device
+        dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         x, timestep, context, y, guidance = (
             inputs[k].to(device, dtype) for k in ("x", "timestep", "context", "y", "guidance")
         )
