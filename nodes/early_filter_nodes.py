@@ -98,6 +98,25 @@ def _selection_inputs() -> list:
     ]
 
 
+def _judge_context_inputs() -> list:
+    """What the judge needs beside the candidates: the VAE to decode them, the source and the instruction."""
+    return [
+        io.Vae.Input("vae", tooltip="VAE that decodes the early results for the judge."),
+        io.Image.Input(
+            "source_image",
+            tooltip="The original, unedited image the judge compares against (not the diptych).",
+        ),
+        io.String.Input(
+            "instruction",
+            multiline=True,
+            default="",
+            tooltip="The edit instruction as the judge should read it (plain, without the in-context "
+            "prompt).",
+        ),
+        JudgeType.Input("judge", tooltip="A judge from X2Edit Local VLM Judge or X2Edit Served Judge."),
+    ]
+
+
 def _judging_inputs(judge_view_default: str) -> list:
     return [
         io.Combo.Input(
@@ -356,21 +375,7 @@ class X2EditEarlyFilter(io.ComfyNode):
                     tooltip="The latent to edit, with its noise mask (InpaintModelConditioning's latent). "
                     "One image at a time.",
                 ),
-                io.Vae.Input("vae", tooltip="VAE that decodes the early results for the judge."),
-                io.Image.Input(
-                    "source_image",
-                    tooltip="The original, unedited image the judge compares against (not the diptych).",
-                ),
-                io.String.Input(
-                    "instruction",
-                    multiline=True,
-                    default="",
-                    tooltip="The edit instruction as the judge should read it (plain, without the "
-                    "in-context prompt).",
-                ),
-                JudgeType.Input(
-                    "judge", tooltip="A judge from X2Edit Local VLM Judge or X2Edit Served Judge."
-                ),
+                *_judge_context_inputs(),
                 io.Int.Input(
                     "candidates",
                     default=6,
@@ -438,39 +443,7 @@ class X2EditEarlyFilter(io.ComfyNode):
                     tooltip="Candidates sent through the model together. Larger is faster on a GPU with "
                     "room; 1 runs them one by one.",
                 ),
-                io.Combo.Input(
-                    "judge_view",
-                    options=list(JUDGE_VIEWS),
-                    default="right_panel",
-                    tooltip="What the judge sees of each candidate: the right panel of the diptych (the "
-                    "edit) or the whole canvas.",
-                ),
-                io.Boolean.Input(
-                    "swap_check",
-                    default=False,
-                    optional=True,
-                    tooltip="Ask every pair twice in swapped order; the challenger must win both (cancels "
-                    "a judge's position bias, doubles the judge calls).",
-                ),
-                io.Float.Input(
-                    "judge_deadline",
-                    default=600.0,
-                    min=1.0,
-                    max=86400.0,
-                    step=1.0,
-                    optional=True,
-                    tooltip="Seconds for all judging together: every judge call and every retry. Calls not "
-                    "yet asked when it passes are skipped (a warning); if nothing was judged the filter "
-                    "stops with an error.",
-                ),
-                io.Boolean.Input(
-                    "keep_first_if_judge_fails",
-                    default=False,
-                    optional=True,
-                    tooltip="Off (default): when the judge gives no usable answer at all, or its first call "
-                    "cannot connect, the filter stops with an error. On: keep the first candidate (the "
-                    "plain run of the seed) unjudged, with a warning in the log and the report.",
-                ),
+                *_judging_inputs("right_panel"),
                 *_selection_inputs(),
             ],
             outputs=[
@@ -574,21 +547,7 @@ class X2EditEarlyFilterAdvanced(io.ComfyNode):
                 io.Latent.Input(
                     "latent_image", tooltip="The latent to edit (with its noise mask, if any). One image."
                 ),
-                io.Vae.Input("vae", tooltip="VAE that decodes the early results for the judge."),
-                io.Image.Input(
-                    "source_image",
-                    tooltip="The original, unedited image the judge compares against (not the diptych).",
-                ),
-                io.String.Input(
-                    "instruction",
-                    multiline=True,
-                    default="",
-                    tooltip="The edit instruction as the judge should read it (plain, without the "
-                    "in-context prompt).",
-                ),
-                JudgeType.Input(
-                    "judge", tooltip="A judge from X2Edit Local VLM Judge or X2Edit Served Judge."
-                ),
+                *_judge_context_inputs(),
                 io.Int.Input(
                     "candidates",
                     default=6,
