@@ -22,7 +22,7 @@ Two checks close the run: the task-aware x2edit model must beat the parameter-ma
 held-out edit error by more than the spread (the larger of the two standard deviations), and its
 contrastive loss on the training samples must fall in every seed.
 
-    OMP_NUM_THREADS=1 python benchmarks/synthetic_tasks.py     # 3 seeds x 3 models, about 13 minutes
+    OMP_NUM_THREADS=1 python benchmarks/synthetic_tasks.py     # 3 seeds x 3 models, 10-15 minutes
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def evaluate(trainer: Trainer, held: EditData, batch_size: int, steps: int) -> d
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=8)
