@@ -1,7 +1,8 @@
 """x2edit: MoE-LoRA loading, in-context editing and early-filter nodes for FLUX.1 in ComfyUI.
 
-ComfyUI loads this folder as a custom node pack through ``comfy_entrypoint`` (V3 API). Outside ComfyUI
-(no ``comfy_api``) importing it does nothing, so tools and tests can import the pack's modules freely.
+ComfyUI loads this folder as a custom node pack through ``comfy_entrypoint`` (V3 API, a versioned
+``comfy_api`` module where the host has one: see nodes/comfy_v3.py). Outside ComfyUI (no ``comfy_api``)
+importing it does nothing, so tools and tests can import the pack's modules freely.
 """
 
 import logging
@@ -9,7 +10,7 @@ import logging
 log = logging.getLogger("x2edit")
 
 try:
-    from comfy_api.latest import ComfyExtension
+    from .nodes.comfy_v3 import API_MODULE, ComfyExtension
 except ImportError:  # not running inside ComfyUI
     ComfyExtension = None
 
@@ -19,6 +20,7 @@ if ComfyExtension is not None:
         async def get_node_list(self):
             from .nodes import load_node_classes
 
+            log.info("x2edit: nodes on %s", API_MODULE)
             return load_node_classes()
 
     async def comfy_entrypoint():

@@ -1,6 +1,18 @@
-"""Early-filter cost on CPU: each mode's wall time over one plain n-step run, beside its NFE ratio.
+"""Early filter: what each selection buys per NFE (simulated), then each mode's wall time over one plain
+n-step run beside its NFE ratio (real sampling).
 
     /opt/ComfyUI/.venv/bin/python benchmarks/early_filter.py [--steps-scale 0.2] [--batch-sizes 1,2,6]
+    .venv/bin/python benchmarks/early_filter.py --simulate-only      # the simulation, no ComfyUI
+
+Simulation, with the project's real selection code (select_best, select_adaptive) and scripted judges:
+each candidate's true final quality is q ~ N(6, 1.5) clipped to [0, 10] (an overall VIEScore-like
+score); its early result shows q blurred by N(0, 0.7) (what m of n steps reveal), and each judge look
+adds N(0, 0.3). The pairwise judge prefers the higher look; the scoring judge answers SC = PQ = the
+look. Printed per policy, over --trials edits with M=6, m=10, n=50: expected NFE and its ratio to one
+plain run, candidates drawn, judge calls, the chosen candidate's mean true quality and how often it
+is at least 7. paper and resume choose alike here (both early views are assumed equally informative);
+they differ in NFE. adaptive/paper re-runs the winner (n + K*m), adaptive/resume continues it
+(K*m + n - m).
 
 Runs inside one Python process that imports ComfyUI directly (COMFYUI_ROOT, default /opt/ComfyUI), so
 the times are clean of HTTP and queueing. Model: a random FLUX Fill with hidden 256, 2 double + 2
@@ -8,7 +20,8 @@ single blocks (written with tests/tiny_models.py; the test support pack's detect
 a tiny TAESD-layout VAE, a 512x512 source as a 1024x512 diptych (latent 128x64 = 2048 image tokens)
 and 512 text tokens. Settings: M=6, m=10, n=50 (scaled by --steps-scale), euler / simple, cfg 1.
 
-Printed: plain run time; per mode (paper NFE ratio 2.2, resume 2.0) the sampling time (candidates +
+Printed: plain run time; per mode (paper NFE ratio 2.2, resume 2.0, and adaptive resume with a judge
+that scores every candidate 9 of 10, so it stops after the first batch) the sampling time (candidates +
 winner) over the plain run, the preview decoding and the judge (a trivial judge that always keeps the
 current best) separately, and the total; then the candidate phase at each batch size against one by
 one (the gain). Target: sampling ratio within 5% of the NFE ratio; batched no slower than one by one.
@@ -26,6 +39,88 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMFYUI_ROOT = os.environ.get("COMFYUI_ROOT", "/opt/ComfyUI")
 sys.path[:0] = [COMFYUI_ROOT, os.path.join(ROOT, "tests")]
+sys.path.append(ROOT)  # x2edit_core for the simulation (after ComfyUI, whose `nodes` must win)
+
+
+def simulate(trials: int, candidates: int = 6, early: int = 10, total: int = 50, seed: int = 0) -> None:
+    """Fixed best-of-M (pairwise running winner) against adaptive stopping, with the real selection code."""
+    import random
+
+    from x2edit_core.early_filter import nfe, plan_batches
+    from x2edit_core.judges import Judge, JudgeVerdict
+    from x2edit_core.judges.scoring import edit_score_from_answer
+    from x2edit_core.selection import select_adaptive, select_best
+
+    rng = random.Random(seed)
+    look_noise = 0.3
+
+    class Candidate:
+        def __init__(self):
+            self.quality = min(10.0, max(0.0, rng.gauss(6.0, 1.5)))
+            self.early = self.quality + rng.gauss(0.0, 0.7)
+
+        def look(self) -> float:
+            return self.early + rng.gauss(0.0, look_noise)
+
+    class PairwiseJudge(Judge):
+        def compare(self, original, candidate_1, candidate_2, instruction):
+            choice = 1 if candidate_1.look() >= candidate_2.look() else 2
+            return JudgeVerdict(choice, "scripted", str(choice))
+
+    class ScoringJudge(Judge):
+        def score(self, source, edited, instruction, *, prompt_template=None):
+            value = min(10.0, max(0.0, edited.look()))
+            return edit_score_from_answer(f"SC: {value:.3f}, PQ: {value:.3f}")
+
+    thresholds = (6.5, 7.0, 7.5)
+    policies = [("plain (1 noise)", "plain", None, 1), ("oracle best of 6", "oracle", None, 1)]
+    policies += [(f"{mode} best of {candidates}", mode, None, 1) for mode in ("paper", "resume")]
+    policies += [(f"adaptive/paper t={t:g}", "paper", t, 1) for t in thresholds]
+    policies += [(f"adaptive/resume t={t:g}", "resume", t, 1) for t in thresholds]
+    policies += [("adaptive/resume t=7 b=2", "resume", 7.0, 2)]
+    totals = {name: [0.0, 0.0, 0.0, 0.0, 0] for name, *_ in policies}  # nfe, drawn, calls, quality, >=7
+    pairwise, scoring = PairwiseJudge(), ScoringJudge()
+    for _ in range(trials):
+        pool = [Candidate() for _ in range(candidates)]
+        for name, mode, threshold, batch in policies:
+            if mode == "plain":
+                chosen, drawn, calls, spent = pool[0], 1, 0, total
+            elif mode == "oracle":
+                chosen, drawn, calls = max(pool, key=lambda c: c.quality), candidates, 0
+                spent = nfe("paper", candidates, early, total)
+            elif threshold is None:
+                result = select_best(pool, None, "edit", pairwise)
+                chosen, drawn, calls = pool[result.winner_index], candidates, result.judge_calls
+                spent = nfe(mode, candidates, early, total)
+            else:
+                result = select_adaptive(
+                    plan_batches(candidates, batch),
+                    lambda indices, pool=pool: [pool[i] for i in indices],
+                    None,
+                    "edit",
+                    scoring,
+                    threshold=threshold,
+                )
+                chosen, drawn, calls = pool[result.winner_index], result.drawn, result.judge_calls
+                spent = nfe(mode, drawn, early, total)
+            row = totals[name]
+            row[0] += spent
+            row[1] += drawn
+            row[2] += calls
+            row[3] += chosen.quality
+            row[4] += chosen.quality >= 7.0
+    print(
+        f"Simulated selection, {trials} edits, M={candidates}, m={early}, n={total}; true quality "
+        "N(6, 1.5) clipped to 0-10, early look +N(0, 0.7), each judge look +N(0, 0.3)"
+    )
+    print(
+        f"{'policy':26} {'NFE':>6} {'ratio':>6} {'drawn':>6} {'judge calls':>11} {'quality':>8} "
+        f"{'P(q>=7)':>8}"
+    )
+    for name, *_ in policies:
+        spent, drawn, calls, quality, good = (value / trials for value in totals[name])
+        ratio = spent / total
+        print(f"{name:26} {spent:6.1f} {ratio:6.2f} {drawn:6.2f} {calls:11.2f} {quality:8.3f} {good:8.3f}")
 
 
 def load_module(name: str, path: str, package_dir: str | None = None):
@@ -41,6 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--simulate-only", action="store_true", help="only the selection simulation")
+    parser.add_argument("--trials", type=int, default=2000, help="simulated edits per policy")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale m and n (0.2: m=2, n=10)")
     parser.add_argument("--candidates", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=2, help="candidates per batch in the mode runs")
@@ -59,6 +156,10 @@ def main() -> None:
         "with more, waiting threads spin and count as CPU time.",
     )
     args = parser.parse_args()
+    simulate(args.trials)
+    if args.simulate_only:
+        return
+    print()
 
     import torch
 
@@ -84,14 +185,17 @@ def main() -> None:
     del pack
     import tiny_models
     from x2edit.nodes.early_filter import run_early_filter, schedule_sigmas
-    from x2edit.x2edit_core.early_filter import make_plan
-    from x2edit.x2edit_core.judges import Judge, JudgeVerdict
+    from x2edit.x2edit_core.early_filter import make_plan, nfe
+    from x2edit.x2edit_core.judges import EditScore, Judge, JudgeVerdict
 
     class KeepFirstJudge(Judge):
         """A trivial judge: always keeps the current best, instantly (judge time is not the subject)."""
 
         def compare(self, original, candidate_1, candidate_2, instruction):
             return JudgeVerdict(1, "trivial judge", "1")
+
+        def score(self, source, edited, instruction, *, prompt_template=None):
+            return EditScore(9.0, 9.0, 9.0, "trivial judge", "SC: 9, PQ: 9")  # adaptive stops at once
 
         def describe(self):
             return "trivial judge"
@@ -161,11 +265,12 @@ def main() -> None:
         instruction="make it red", judge=judge, cfg=1.0, sampler_name="euler", scheduler="simple",
     )  # fmt: skip
     runs = {}
-    for mode in ("paper", "resume"):
+    for mode, selection in (("paper", "pairwise"), ("resume", "pairwise"), ("resume", "adaptive")):
         plan = make_plan(mode, M, early, total, args.batch_size, 0)
         wall = time.perf_counter()
-        result = run_early_filter(plan, **common)
-        runs[mode] = (plan, result, time.perf_counter() - wall)
+        result = run_early_filter(plan, selection=selection, threshold=8.0, **common)
+        name = mode if selection == "pairwise" else "adapt."
+        runs[name] = (nfe(mode, result.drawn, early, total), result, time.perf_counter() - wall)
     plain_after = timed_plain()
     plain_wall = (plain_before[0] + plain_after[0]) / 2
     plain_cpu = (plain_before[1] + plain_after[1]) / 2
@@ -184,14 +289,15 @@ def main() -> None:
         f"{'CPU':>7} {'ratio':>6} {'overhead':>8} | {'previews':>8} {'judge':>6} {'total':>7} "
         f"{'total ratio':>11}"
     )
-    for mode, (plan, result, wall) in runs.items():
+    for mode, (spent, result, wall) in runs.items():
         sampling_wall = result.timings["candidates"] + result.timings["winner"]
         sampling_cpu = result.cpu_timings["candidates"] + result.cpu_timings["winner"]
         wall_ratio, cpu_ratio = sampling_wall / plain_wall, sampling_cpu / plain_cpu
+        nfe_ratio = spent / total
         print(
-            f"{mode:7} {plan.nfe:4d} {plan.nfe_ratio:9.2f} | {sampling_wall:6.1f}s {wall_ratio:6.2f} "
-            f"{(wall_ratio / plan.nfe_ratio - 1) * 100:+7.1f}% | {sampling_cpu:6.1f}s {cpu_ratio:6.2f} "
-            f"{(cpu_ratio / plan.nfe_ratio - 1) * 100:+7.1f}% | {result.timings['previews']:7.1f}s "
+            f"{mode:7} {spent:4d} {nfe_ratio:9.2f} | {sampling_wall:6.1f}s {wall_ratio:6.2f} "
+            f"{(wall_ratio / nfe_ratio - 1) * 100:+7.1f}% | {sampling_cpu:6.1f}s {cpu_ratio:6.2f} "
+            f"{(cpu_ratio / nfe_ratio - 1) * 100:+7.1f}% | {result.timings['previews']:7.1f}s "
             f"{result.timings['judge']:5.3f}s {wall:6.1f}s {wall / plain_wall:11.2f}"
         )
 

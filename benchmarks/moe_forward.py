@@ -8,7 +8,7 @@ dispatch elsewhere; the other path is printed beside it. On CUDA every "ours" ca
 under ``torch.cuda.set_sync_debug_mode("error")``, so a device-to-host sync in the routed layers
 stops the benchmark.
 
-Cases (targets from the foundation issue):
+Cases (with the cost targets the project set for each):
   ICEdit MoE (4 experts, rank 32, top-1) on img_mlp.2 (12288 -> 3072) and linear2 (15360 -> 3072):
       ours <= 1.05x; a dense sum over all experts (ICEdit's own code) is printed beside it.
   X2Edit MoE (12 experts + shared, rank 64, top-2) for q, k, v on a fused qkv layer (3072 -> 9216):

@@ -11,7 +11,24 @@ import logging
 
 log = logging.getLogger("x2edit")
 
-NODE_MODULES = ("moe_loader", "edit_nodes", "task_router", "early_filter_nodes")
+NODE_MODULES = (
+    "moe_loader",
+    "edit_nodes",
+    "task_router",
+    "early_filter_nodes",
+    "edit_score_nodes",
+    "x2edit_text_nodes",
+    "x2edit_condition",
+)
+
+
+def search_aliases(*aliases: str) -> dict:
+    """`io.Schema` keyword giving node-search aliases, on releases whose schema has the field; older
+    releases' frontends search only names and display names, so there it is left out."""
+    from .comfy_v3 import io
+
+    supported = "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {})
+    return {"search_aliases": list(aliases)} if supported else {}
 
 
 def load_node_classes() -> list:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 from ..x2edit_core.diptych import DEFAULT_PANEL_WIDTH, MAX_PANEL_SIDE, crop_right_panel, make_diptych
 from ..x2edit_core.prompt import IC_PROMPT_TEMPLATE, build_ic_prompt
+from . import search_aliases
+from .comfy_v3 import io
 
 DiptychGeometryType = io.Custom("X2EDIT_DIPTYCH_GEOMETRY")
 
@@ -15,8 +15,9 @@ class X2EditICPrompt(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="X2EditICPrompt",
-            display_name="X2Edit IC Prompt",
+            display_name="X2Edit ICEdit Prompt",
             category="x2edit/in-context",
+            **search_aliases("ICEdit", "in-context edit", "IC prompt"),
             description="Wraps an edit instruction in ICEdit's in-context diptych prompt (the training text, "
             "word for word) and encodes it with FLUX guidance.",
             inputs=[
@@ -75,6 +76,7 @@ class X2EditDiptych(io.ComfyNode):
             node_id="X2EditDiptych",
             display_name="X2Edit Diptych",
             category="x2edit/in-context",
+            **search_aliases("ICEdit", "in-context edit"),
             description="Puts each source image on the left of a diptych (aspect kept, sides multiples of "
             "16) with a mask over the right half, for InpaintModelConditioning on a FLUX Fill model.",
             inputs=[
@@ -114,6 +116,7 @@ class X2EditCropDiptych(io.ComfyNode):
             node_id="X2EditCropDiptych",
             display_name="X2Edit Crop Diptych",
             category="x2edit/in-context",
+            **search_aliases("ICEdit", "in-context edit"),
             description="Takes the right (edited) half of a decoded diptych and resizes it to the source's "
             "exact size.",
             inputs=[

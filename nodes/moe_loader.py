@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import folder_paths
-from comfy_api.latest import io
 
 from ..x2edit_core.formats import load_adapters
+from . import search_aliases
+from .comfy_v3 import io
 from .patching import ROUTING_MODES, ROUTING_NATIVE, apply_adapters
 
 _cache: dict = {}  # (path, mtime, size) -> LoadedAdapters; one entry, like core LoraLoader's cache
@@ -22,6 +23,10 @@ def _load_cached(path: str):
     return _cache[key]
 
 
+def _loras_folders() -> str:
+    return ", ".join(folder_paths.get_folder_paths("loras")) or "none configured"
+
+
 class X2EditMoELoRALoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -29,6 +34,7 @@ class X2EditMoELoRALoader(io.ComfyNode):
             node_id="X2EditMoELoRALoader",
             display_name="X2Edit MoE-LoRA Loader",
             category="x2edit/loaders",
+            **search_aliases("ICEdit MoE-LoRA", "mixture of experts LoRA"),
             description=(
                 "Loads a mixture-of-experts LoRA exactly onto a FLUX model (dev, Fill or Kontext): ICEdit's "
                 "MoE-LoRA, an X2Edit checkpoint folder (pick its lora.safetensors), an x2edit-trained file, "
@@ -73,9 +79,23 @@ class X2EditMoELoRALoader(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(tooltip="The patched model."),
-                io.String.Output("report", tooltip="What was loaded: format, experts, layers, ignored keys."),
+                io.String.Output(
+                    "report",
+                    display_name="report",
+                    tooltip="What was loaded: format, experts, layers, ignored keys.",
+                ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None, routing=None):
+        # At queue time, before anything loads. Defining this hands these inputs' checks to us (older
+        # ComfyUI releases never checked V3 combo values); linked inputs arrive as None.
+        if isinstance(lora_name, str) and folder_paths.get_full_path("loras", lora_name) is None:
+            return f"LoRA file {lora_name!r} is not in the loras folder ({_loras_folders()})"
+        if isinstance(routing, str) and routing not in ROUTING_MODES:
+            return f"routing {routing!r} is not one of {', '.join(ROUTING_MODES)}"
+        return True
 
     @classmethod
     def execute(cls, model, lora_name, strength, routing, expert_index, expert_weights) -> io.NodeOutput:

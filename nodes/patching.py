@@ -11,7 +11,7 @@ Two paths, chosen per adapter:
   this patcher chain (or the class's own ``forward``: a stale instance patch from another clone is never
   called) and adds the MoE delta on the fused rows it owns.
 
-A stale patch can stay installed while another clone samples (see REFERENCE.md section 3), so the delta
+A stale patch can stay installed while another clone samples (docs/reference.md, ComfyUI host), so the delta
 is only added while this loader's DIFFUSION_MODEL wrapper is running: the wrapper publishes, in a context
 variable, which patch sets are active for this call and their task embedding.
 """
@@ -27,6 +27,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.utils
 import torch
 
 from ..x2edit_core.errors import ConfigError, ModelMismatchError
@@ -92,6 +93,14 @@ def forced_weights_for(routing: str, num_experts: int, expert_index: int, expert
     raise ConfigError(f"unknown routing mode {routing!r}; expected one of {ROUTING_MODES}")
 
 
+def _weight_shape(weight) -> tuple[int, ...] | None:
+    """The logical shape of a layer weight. Quantized weights (ComfyUI-GGUF) keep their packed bytes in
+    the tensor and the real shape in ``tensor_shape``; their state_dict() entries show the packed shape."""
+    if weight is None:
+        return None
+    return tuple(getattr(weight, "tensor_shape", None) or weight.shape)
+
+
 def _resolve(dm, model, adapter):
     """(ComfyUI module path, Linear, output row slice or None) for an adapter, with shape checks."""
     target = comfy_target(adapter.module)
@@ -103,10 +112,10 @@ def _resolve(dm, model, adapter):
             f"{adapter.module}: the model has no layer {target.module} ({len(dm.double_blocks)} double and "
             f"{len(dm.single_blocks)} single blocks): this LoRA is for a different FLUX model"
         ) from None
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.dim() != 2:
+    shape = _weight_shape(getattr(layer, "weight", None))
+    if shape is None or len(shape) != 2:
         raise ModelMismatchError(f"{adapter.module}: {target.module} is not a Linear layer")
-    out_f, in_f = weight.shape
+    out_f, in_f = shape
     moe = adapter.moe
     if adapter.apply == APPLY_OUTPUT:
         if target.part is not None or moe.in_features != out_f or moe.out_features != out_f:
@@ -132,7 +141,6 @@ def _plain_patches(model, state_dict: dict, dm) -> tuple[dict, list[str]]:
     sd = comfy.lora_convert.convert_lora(dict(state_dict))
     patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
     used = set()
-    model_sd = model.model.state_dict()
     for prefix, target in key_map.items():
         if target not in patches:
             continue
@@ -141,10 +149,14 @@ def _plain_patches(model, state_dict: dict, dm) -> tuple[dict, list[str]]:
         used.update(k for k in (f"{prefix}.alpha", f"{prefix}.dora_scale") if k in sd)
         weights = getattr(adapter, "weights", None)
         key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
-        if weights is None or key not in model_sd or not isinstance(weights[0], torch.Tensor):
+        if weights is None or not isinstance(weights[0], torch.Tensor):
             continue
-        rows = model_sd[key].shape[0] if offset is None else offset[2]
-        cols = model_sd[key].shape[1] if model_sd[key].dim() > 1 else 1
+        try:
+            shape = _weight_shape(comfy.utils.get_attr(model.model, key))
+        except AttributeError:
+            continue
+        rows = shape[0] if offset is None else offset[2]
+        cols = shape[1] if len(shape) > 1 else 1
         up, down = weights[0], weights[1]
         if up.dim() == 2 and down.dim() == 2 and (up.shape[0] != rows or down.shape[1] != cols):
             raise ModelMismatchError(
@@ -173,13 +185,36 @@ def _merge_lora_state(adapters_with_weights) -> dict:
     return sd
 
 
+def _transformer_options(wrapper, args, kwargs) -> dict:
+    """The transformer_options of a DIFFUSION_MODEL call: the keyword, else the positional dict that
+    registers ``wrapper`` (ComfyUI finds its wrappers there, so the call's own options hold it). Never a
+    fixed position: ComfyUI releases order the diffusion model's arguments differently."""
+    opts = kwargs.get("transformer_options")
+    if isinstance(opts, dict):
+        return opts
+    for value in args:
+        if isinstance(value, dict) and _registers(value, wrapper):
+            return value
+    raise RuntimeError(
+        "x2edit MoE-LoRA: the diffusion model was called without its transformer_options, so the routed "
+        "experts cannot tell which model they belong to; this ComfyUI release calls FLUX in a way the "
+        "loader does not know"
+    )
+
+
+def _registers(options: dict, wrapper) -> bool:
+    wrappers = options.get("wrappers")
+    if not isinstance(wrappers, dict):
+        return False
+    by_key = wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL) or {}
+    return any(wrapper in functions for functions in by_key.values())
+
+
 def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: int):
     """DIFFUSION_MODEL wrapper: marks this patch set active (with its task embedding) for the call."""
 
     def wrapper(executor, *args, **kwargs):
-        opts = kwargs.get("transformer_options")
-        if opts is None:
-            opts = args[7] if len(args) > 7 else {}
+        opts = _transformer_options(wrapper, args, kwargs)
         task = None
         if task_table is not None:
             task_id = int(opts.get(TASK_OPTION, default_task))

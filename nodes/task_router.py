@@ -9,14 +9,14 @@ task-less models an expert map turns the task into forced expert weights (``FORC
 from __future__ import annotations
 
 import logging
+import os
 import re
-
-from comfy_api.latest import io
 
 from ..x2edit_core.errors import ConfigError
 from ..x2edit_core.models.task_lm import LocalLMClassifier
 from ..x2edit_core.prompt import EmptyInstructionError
 from ..x2edit_core.tasks import AUTO, resolve_task, task_choices, task_id
+from .comfy_v3 import io
 from .patching import FORCED_OPTION, TASK_OPTION
 
 log = logging.getLogger("x2edit")
@@ -134,8 +134,10 @@ class X2EditTaskRouter(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode=None, expert_map=None, num_experts=None):
+    def validate_inputs(cls, mode=None, expert_map=None, num_experts=None, lm_folder=""):
         # Linked inputs arrive as None here; they are checked again in execute.
+        if isinstance(lm_folder, str) and lm_folder.strip() and not os.path.isdir(lm_folder.strip()):
+            return f"LM classifier folder {lm_folder.strip()!r} does not exist; give a local model folder."
         try:
             if isinstance(mode, str) and mode != AUTO:
                 task_id(mode)

@@ -3,15 +3,16 @@
 #
 #   bash scripts/test.sh [PYTEST ARGS...]
 #
-# Sets up .venv, lints, runs the core and training tiers, then the ComfyUI tier (tests/comfy) once per
-# ComfyUI release: COMFYUI_ROOT when set, else every release in ../shared/hosts, laid out and cached by
+# Sets up .venv, lints, runs the core and training tiers, then the ComfyUI and browser tiers
+# (tests/comfy, tests/browser) once per ComfyUI release: COMFYUI_ROOT when set, else every release in ../shared/hosts, laid out and cached by
 # scripts/setup_hosts.sh. With X2EDIT_REQUIRE_COMFYUI=1 (the default when CI=true) a host that cannot
-# be set up, or a tier that would skip, is an error; elsewhere the tier is skipped with the reason.
+# be set up, or a tier that would skip, is an error (X2EDIT_REQUIRE_BROWSER=1 likewise for the browser);
+# elsewhere the tier is skipped with the reason.
 # Extra arguments go to every pytest run (e.g. -k, -x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ "${CI:-}" = "true" ] && [ -z "${X2EDIT_REQUIRE_COMFYUI:-}" ]; then
-  export X2EDIT_REQUIRE_COMFYUI=1
+if [ "${CI:-}" = "true" ]; then
+  export X2EDIT_REQUIRE_COMFYUI=${X2EDIT_REQUIRE_COMFYUI:-1} X2EDIT_REQUIRE_BROWSER=${X2EDIT_REQUIRE_BROWSER:-1}
 fi
 require=${X2EDIT_REQUIRE_COMFYUI:-0}
 [ "$require" = 1 ] || [ "$require" = true ] && require=1 || require=0
@@ -19,6 +20,10 @@ start=$SECONDS
 bash scripts/setup_env.sh || exit 1
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
+# The browser tier needs Debian's Chromium and playwright; without them it skips (or fails when required).
+if ! bash scripts/setup_browser.sh; then
+  case "${X2EDIT_REQUIRE_BROWSER:-0}" in 1|true|yes) echo "test.sh: the browser tier cannot be set up" >&2; exit 1;; esac
+fi
 
 summary=()
 failed=0
@@ -47,10 +52,10 @@ run_pytest() { # label, then pytest args; records the counts of the closing line
   return 0
 }
 
-run_pytest "core + training tiers" tests --ignore=tests/comfy "$@" || failed=1
+run_pytest "core + training tiers" tests --ignore=tests/comfy --ignore=tests/browser "$@" || failed=1
 
 if [ -n "${COMFYUI_ROOT:-}" ]; then
-  run_pytest "ComfyUI tier on $COMFYUI_ROOT" tests/comfy "$@" || failed=1
+  run_pytest "ComfyUI + browser tiers on $COMFYUI_ROOT" tests/comfy tests/browser "$@" || failed=1
 else
   hosts=$(bash scripts/setup_hosts.sh)
   hosts_rc=$?
@@ -64,7 +69,7 @@ else
   fi
   while read -r version root; do
     [ -n "$version" ] || continue
-    COMFYUI_ROOT=$root COMFYUI_PYTHON= run_pytest "ComfyUI $version tier" tests/comfy "$@" || failed=1
+    COMFYUI_ROOT=$root COMFYUI_PYTHON= run_pytest "ComfyUI $version (ComfyUI + browser tiers)" tests/comfy tests/browser "$@" || failed=1
   done <<<"$hosts"
 fi
 

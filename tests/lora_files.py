@@ -1,6 +1,6 @@
 """Writers of LoRA/MoE files in other projects' layouts (ICEdit, X2Edit), for tests and benchmarks.
 
-The layouts follow REFERENCE.md: key names and shapes as ICEdit's and X2Edit's saving code writes them.
+Key names and shapes are those ICEdit's and X2Edit's saving code writes (described in docs/reference.md).
 Sizes are parameters so tests can make tiny files and the benchmark a full-size one.
 """
 
@@ -93,13 +93,35 @@ def x2edit_state_dict(
     return sd, rnd(num_tasks, hidden) * 50
 
 
-def write_x2edit_dir(folder, with_alignnet=True, **kw):
+def alignnet_state_dict(
+    num_states=29, in_dim=3584, out_dim=4096, pooled_dim=768, seed=0, dtype=torch.float32
+):
+    """Random weights in the key layout of X2Edit's AlignNet (diffusion_pytorch_model.bin)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    return {
+        "conv.weight": rnd(1, num_states, 5, 5, scale=0.1),
+        "conv.bias": rnd(1, scale=0.1),
+        "mlp.layernorm.weight": 1.0 + rnd(in_dim, scale=0.1),
+        "mlp.layernorm.bias": rnd(in_dim, scale=0.1),
+        "mlp.projector.0.weight": rnd(out_dim, in_dim, scale=in_dim**-0.5),
+        "mlp.projector.2.weight": rnd(out_dim, out_dim, scale=out_dim**-0.5),
+        "mlp.fc.1.weight": rnd(pooled_dim, out_dim, scale=out_dim**-0.5),
+        "mlp.fc.1.bias": rnd(pooled_dim, scale=0.1),
+    }
+
+
+def write_x2edit_dir(folder, with_alignnet=True, alignnet=None, **kw):
+    """An X2Edit checkpoint folder; `alignnet` (a state dict) defaults to a tiny random AlignNet."""
     os.makedirs(folder, exist_ok=True)
     sd, emb = x2edit_state_dict(**kw)
     save_file(sd, os.path.join(folder, "lora.safetensors"))
     torch.save({"weight": emb}, os.path.join(folder, "task_embeddings.bin"))
     if with_alignnet:
-        torch.save(
-            {"conv.weight": torch.zeros(1, 29, 5, 5)}, os.path.join(folder, "diffusion_pytorch_model.bin")
-        )
+        if alignnet is None:
+            alignnet = alignnet_state_dict(num_states=5, in_dim=16, out_dim=8, pooled_dim=4)
+        torch.save(alignnet, os.path.join(folder, "diffusion_pytorch_model.bin"))
     return folder

@@ -63,10 +63,10 @@ def test_plan_schedules_and_progress_units():
     paper = make_plan("paper", 6, 10, 50, 4, 100)
     assert paper.candidate_schedule_steps == 10 and paper.final_steps == 50
     assert paper.batches == [[0, 1, 2, 3], [4, 5]]
-    assert paper.progress_total(judge_calls=5) == 60 + 5 + 50
+    assert paper.progress_total(judge_calls=5) == 60 + 6 + 5 + 50  # steps, previews, judge, winner
     resume = make_plan("resume", 6, 10, 50, 4, 100)
     assert resume.candidate_schedule_steps == 50 and resume.final_steps == 40
-    assert resume.progress_total(judge_calls=5) == 60 + 5 + 40
+    assert resume.progress_total(judge_calls=5) == 60 + 6 + 5 + 40
     assert make_plan("paper", 3, 2, 4, 16, 0).batch_size == 3  # clamped to M
     assert "NFE 110" in paper.describe() and "2.20x" in paper.describe()
 
@@ -97,9 +97,12 @@ def test_paper_mode_allows_full_length_candidates():
 
 def test_report_names_plan_seeds_winner_and_timings():
     plan = make_plan("resume", 3, 2, 8, 2, 41)
-    report = format_filter_report(plan, 2, "SELECTION REPORT", {"candidates": 1.25, "judge": 0.5})
+    report = format_filter_report(
+        plan, 2, "SELECTION REPORT", {"candidates": 1.5, "judge": 0.5}, warnings=["judge call failed"]
+    )
+    assert report.splitlines()[0] == "WARNING: judge call failed"  # warnings come first
     assert "mode resume" in report and "NFE 12" in report
     assert "0: 41, 1: 42, 2: 43" in report
     assert "SELECTION REPORT" in report
     assert "Winning seed: 43 (candidate 2)" in report
-    assert "candidates 1.2 s" in report or "candidates 1.3 s" in report
+    assert "Time: candidates 1.5 s, judge 0.5 s." in report

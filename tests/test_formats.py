@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from lora_files import write_icedit, write_x2edit_dir, x2edit_state_dict
+from lora_files import alignnet_state_dict, write_icedit, write_x2edit_dir, x2edit_state_dict
 from safetensors.torch import save_file
 
 from x2edit_core.errors import FormatError
@@ -54,7 +54,9 @@ def test_x2edit_folder_and_its_lora_file(tmp_path):
         assert loaded.format == FORMAT_X2EDIT
         assert len(loaded.moe) == 2 * 4 + 2 * 3
         assert loaded.task_embedding.shape == (16, 32)
-        assert "diffusion_pytorch_model.bin" in loaded.ignored
+        assert not loaded.ignored  # the AlignNet is read, not ignored
+        assert (loaded.alignnet.num_states, loaded.alignnet.in_dim) == (5, 16)
+        assert "text AlignNet" in loaded.summary()
         proj = [a for a in loaded.moe if a.apply == APPLY_OUTPUT]
         assert [a.module for a in proj] == [
             "transformer_blocks.0.attn.to_out.0",
@@ -229,3 +231,87 @@ def test_placement_maps_fused_rows():
     assert comfy_target("single_transformer_blocks.3.proj_mlp").row_slice(32, 32 * 7) == slice(96, 224)
     assert comfy_target("transformer_blocks.0.attn.to_v").module == "double_blocks.0.img_attn.qkv"
     assert comfy_target("transformer.transformer_blocks.0.ff.net.2").module == "double_blocks.0.img_mlp.2"
+
+
+# -- X2Edit folder: AlignNet and the Qwen-Image variant -------------------------------------------
+
+
+def _alignnet_forms(sd):
+    return {
+        "raw": sd,
+        "module-prefixed": {f"module.{k}": v for k, v in sd.items()},
+        "wrapped": {
+            "config": {"in_channels": 5, "kernel_size": 5, "norm_eps": 1e-6, "use_cnn": True},
+            "state_dict": sd,
+        },
+    }
+
+
+@pytest.mark.parametrize("form", ["raw", "module-prefixed", "wrapped"])
+def test_x2edit_folder_reads_its_alignnet_in_every_form(tmp_path, form):
+    sd = alignnet_state_dict(num_states=5, in_dim=16, out_dim=8, pooled_dim=4, seed=7)
+    folder = write_x2edit_dir(
+        tmp_path / "ckpt", experts=2, rank=2, alignnet=_alignnet_forms(sd)[form], **TINY
+    )
+    net = load_adapters(str(folder)).alignnet
+    got = net.state_dict()
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_alignnet_pickle_that_is_not_plain_tensors_is_refused(tmp_path, capsys):
+    folder = write_x2edit_dir(tmp_path / "ckpt", experts=2, rank=2, **TINY)
+    with open(os.path.join(folder, "diffusion_pytorch_model.bin"), "wb") as f:
+        pickle.dump({"conv.weight": _Evil()}, f)
+    with pytest.raises(FormatError, match="weights_only"):
+        load_adapters(str(folder))
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "key, shape",
+    [
+        ("mlp.projector.2.weight", (8, 7)),
+        ("mlp.layernorm.bias", (15,)),
+        ("mlp.fc.1.weight", (4, 9)),
+        ("conv.weight", (1, 5, 4, 4)),
+    ],
+)
+def test_alignnet_of_wrong_shape_names_the_tensor(tmp_path, key, shape):
+    sd = alignnet_state_dict(num_states=5, in_dim=16, out_dim=8, pooled_dim=4)
+    sd[key] = torch.zeros(shape)
+    folder = write_x2edit_dir(tmp_path / "ckpt", experts=2, rank=2, alignnet=sd, **TINY)
+    with pytest.raises(FormatError, match=key.replace(".", r"\.")):
+        load_adapters(str(folder))
+
+
+def test_alignnet_missing_keys_and_other_projector_variants(tmp_path):
+    sd = alignnet_state_dict(num_states=5, in_dim=16, out_dim=8, pooled_dim=4)
+    del sd["mlp.fc.1.bias"]
+    folder = write_x2edit_dir(tmp_path / "a", experts=2, rank=2, alignnet=sd, **TINY)
+    with pytest.raises(FormatError, match="mlp.fc.1.bias"):
+        load_adapters(str(folder))
+    sd = alignnet_state_dict(num_states=5, in_dim=16, out_dim=8, pooled_dim=4)
+    sd["t5stack.block.0.layer.0.SelfAttention.q.weight"] = torch.zeros(2, 2)
+    folder = write_x2edit_dir(tmp_path / "b", experts=2, rank=2, alignnet=sd, **TINY)
+    with pytest.raises(FormatError, match="T5 stack"):
+        load_adapters(str(folder))
+    wrapped = {"config": {"use_t5": False, "use_scale": True}, "state_dict": alignnet_state_dict(5, 16, 8, 4)}
+    folder = write_x2edit_dir(tmp_path / "c", experts=2, rank=2, alignnet=wrapped, **TINY)
+    with pytest.raises(FormatError, match="conv variant"):
+        load_adapters(str(folder))
+
+
+def test_x2edit_qwen_image_checkpoint_is_recognised(tmp_path):
+    sd, _ = x2edit_state_dict(hidden=8, num_double=60, num_single=0, experts=2, rank=2)
+    folder = tmp_path / "model_qwen_image"
+    folder.mkdir()
+    save_file(sd, str(folder / "lora.safetensors"))
+    torch.save({"weight": torch.zeros(16, 8)}, str(folder / "task_embeddings.bin"))
+    with pytest.raises(FormatError, match="X2Edit's Qwen-Image variant.*this loader is for FLUX"):
+        load_adapters(str(folder))
+    # a FLUX file with double blocks only is not mistaken for it
+    sd, _ = x2edit_state_dict(hidden=8, num_double=2, num_single=0, experts=2, rank=2)
+    save_file(sd, str(tmp_path / "double_only.safetensors"))
+    assert len(load_adapters(str(tmp_path / "double_only.safetensors")).moe) == 8

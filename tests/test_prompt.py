@@ -11,15 +11,15 @@ from x2edit_core.prompt import (
     parse_template,
 )
 
-# Literal from REFERENCE.md section 1 (ICEdit training / official inference prompt).
-REFERENCE_TEMPLATE = (
+# ICEdit's training and official-inference prompt, word for word (River-Zhang/ICEdit; docs/reference.md).
+ICEDIT_TRAINING_TEMPLATE = (
     "A diptych with two side-by-side images of the same scene. On the right, the scene is exactly the same "
     "as on the left but {instruction}"
 )
 
 
 def test_default_template_is_icedit_training_text():
-    assert IC_PROMPT_TEMPLATE == REFERENCE_TEMPLATE
+    assert IC_PROMPT_TEMPLATE == ICEDIT_TRAINING_TEMPLATE
     assert "exactly" in IC_PROMPT_TEMPLATE
     assert not IC_PROMPT_TEMPLATE.endswith(".")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -15,7 +16,7 @@ from x2edit_core.errors import (
     JudgeUnavailableError,
     SelectionInterrupted,
 )
-from x2edit_core.judges import Judge, JudgeVerdict
+from x2edit_core.judges import Judge, JudgeConnectionError, JudgeDeadlineError, JudgeFailedError, JudgeVerdict
 from x2edit_core.selection import (
     BEST_KEPT,
     CHALLENGER_WINS,
@@ -151,15 +152,110 @@ def test_judge_errors_keep_the_current_best_and_are_counted(error):
     assert type(error).__name__ in result.report and str(error) in result.report
 
 
-def test_every_call_failing_warns_in_the_report():
+def test_every_call_failing_is_an_error_unless_the_fall_back_is_asked_for(caplog):
     candidates = names(3)
     failure = JudgeUnavailableError("no route to host")
-    judge = ScriptedJudge(
-        dict(zip(candidates, [1, 9, 5])), answers={("c0", "c1"): failure, ("c0", "c2"): failure}
+    answers = {("c0", "c1"): failure, ("c0", "c2"): failure}
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(JudgeFailedError, match="No judge call gave a usable"),
+    ):
+        select_best(
+            candidates,
+            ORIGINAL,
+            "add a hat",
+            ScriptedJudge(dict(zip(candidates, [1, 9, 5])), answers=answers),
+        )
+    # Each failed call is in the server log as it happens, and the final error too.
+    assert (
+        sum("no route to host" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 2
     )
+    assert any(r.levelno == logging.ERROR and "No judge call" in r.getMessage() for r in caplog.records)
+
+    judge = ScriptedJudge(dict(zip(candidates, [1, 9, 5])), answers=answers)
+    result = select_best(candidates, ORIGINAL, "add a hat", judge, keep_first_on_failure=True)
+    assert result.winner_index == 0 and result.judge_errors == 2 and result.fell_back
+    first_line = result.report.splitlines()[0]
+    assert first_line.startswith("WARNING: judge call failed") and "no route to host" in first_line
+    assert "kept WITHOUT any judging" in result.report
+
+
+def test_only_unusable_answers_are_an_error():
+    candidates = names(3)
+    judge = ScriptedJudge(dict(zip(candidates, [1, 9, 5])), answers={("c0", "c1"): None, ("c0", "c2"): None})
+    with pytest.raises(JudgeFailedError, match="0 error.*2 unusable answer"):
+        select_best(candidates, ORIGINAL, "add a hat", judge)
+
+
+def test_a_first_call_that_cannot_connect_stops_at_once():
+    candidates = names(5)
+    refused = JudgeConnectionError("cannot connect: connection refused")
+    judge = ScriptedJudge(dict(zip(candidates, [1, 2, 3, 4, 5])), answers={("c0", "c1"): refused})
+    with pytest.raises(JudgeFailedError, match="first judge call could not connect.*other 3 call"):
+        select_best(candidates, ORIGINAL, "add a hat", judge)
+    assert judge.calls == [("c0", "c1")]
+
+    # Asked-for fall-back: the remaining calls are still tried and judged.
+    judge = ScriptedJudge(dict(zip(candidates, [1, 2, 3, 4, 5])), answers={("c0", "c1"): refused})
+    result = select_best(candidates, ORIGINAL, "add a hat", judge, keep_first_on_failure=True)
+    assert len(judge.calls) == 4 and result.winner_index == 4 and not result.fell_back
+
+
+def test_a_later_connection_failure_is_a_warning_not_a_stop():
+    candidates = names(3)
+    refused = JudgeConnectionError("cannot connect: connection refused")
+    judge = ScriptedJudge(dict(zip(candidates, [1, 9, 5])), answers={("c1", "c2"): refused})
     result = select_best(candidates, ORIGINAL, "add a hat", judge)
-    assert result.winner_index == 0 and result.judge_errors == 2
-    assert "WARNING: every judge call failed" in result.report
+    assert result.winner_index == 1 and result.judge_errors == 1
+    assert result.warnings and "connection refused" in result.warnings[0]
+    assert result.report.startswith("WARNING: judge call failed")
+
+
+class SlowJudge(ScriptedJudge):
+    """Each call takes `seconds` on a fake clock, and records the deadline the selection gave it."""
+
+    def __init__(self, quality, clock, seconds):
+        super().__init__(quality)
+        self.clock, self.seconds = clock, seconds
+        self.deadlines = []
+
+    def compare(self, original, candidate_1, candidate_2, instruction):
+        self.deadlines.append(self.deadline)
+        self.clock[0] += self.seconds
+        return super().compare(original, candidate_1, candidate_2, instruction)
+
+
+def test_the_deadline_bounds_all_judge_calls():
+    candidates = names(6)
+    clock = [100.0]
+    judge = SlowJudge(dict(zip(candidates, [1, 2, 3, 4, 5, 6])), clock, seconds=10.0)
+    result = select_best(candidates, ORIGINAL, "add a hat", judge, deadline_s=25.0, clock=lambda: clock[0])
+    # Calls start at t = 0, 10, 20; at t = 30 the deadline (25 s) has passed: two calls not asked.
+    assert len(judge.calls) == 3 and result.judge_calls == 3 and result.skipped_calls == 2
+    assert judge.deadlines == [125.0, 125.0, 125.0] and judge.deadline is None  # given during calls only
+    assert result.winner_index == 3  # the best among the candidates that were compared
+    assert "deadline of 25 s passed: 2 of 5 judge call(s) were not asked" in result.report.splitlines()[0]
+    assert "not asked (deadline): 2" in result.report
+
+
+def test_a_deadline_that_passes_before_any_answer_is_an_error():
+    candidates = names(3)
+    clock = [0.0]
+
+    class Expiring(SlowJudge):
+        def compare(self, *args):
+            self.clock[0] += self.seconds
+            raise JudgeDeadlineError("The judging deadline ran out")
+
+    judge = Expiring(dict(zip(candidates, [1, 2, 3])), clock, seconds=5.0)
+    with pytest.raises(JudgeFailedError, match=r"1 asked, 1 error.*1 not asked"):
+        select_best(candidates, ORIGINAL, "add a hat", judge, deadline_s=5.0, clock=lambda: clock[0])
+
+
+@pytest.mark.parametrize("deadline", [0, -1.0])
+def test_deadline_must_be_positive(deadline):
+    with pytest.raises(ConfigError, match="deadline"):
+        select_best(names(2), ORIGINAL, "add a hat", ScriptedJudge({"c0": 1, "c1": 2}), deadline_s=deadline)
 
 
 def test_a_misconfigured_judge_stops_the_selection():

@@ -23,8 +23,8 @@ from x2edit_core.tasks import (
 
 DATA = Path(__file__).parent / "data" / "instructions.jsonl"
 
-# REFERENCE.md section 2, in id order.
-REFERENCE_TASKS = [
+# X2Edit's 16 tasks as its paper (arXiv 2508.07607) and code describe them, in id order (docs/reference.md).
+PAPER_TASKS = [
     "unknown/fallback",
     "remove subject",
     "add subject",
@@ -49,7 +49,7 @@ def load_rows():
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_task_table_matches_reference():
+def test_task_table_matches_the_paper():
     assert len(TASKS) == 16
     assert [t.id for t in TASKS] == list(range(16))
     expected_names = [
@@ -71,7 +71,7 @@ def test_task_table_matches_reference():
         "subject_driven",
     ]
     assert list(TASK_NAMES) == expected_names
-    for t, ref in zip(TASKS, REFERENCE_TASKS):
+    for t, ref in zip(TASKS, PAPER_TASKS):
         # each stable name is the reference wording's first words in snake_case
         assert ref.replace("-", "_").replace(" ", "_").startswith(t.name) or t.name == "unknown"
 
@@ -189,17 +189,11 @@ def test_classifier_examples(text, expected):
         assert score == 0.0
 
 
-def test_classifier_deterministic_and_fast():
-    import time
-
-    rows = load_rows()
-    texts = [r["instruction"] for r in rows]
-    first = [classify_instruction(t) for t in texts]
-    start = time.perf_counter()
-    second = [classify_instruction(t) for t in texts]
-    elapsed = time.perf_counter() - start
-    assert first == second
-    assert elapsed / len(texts) < 0.005
+def test_classifier_is_deterministic():
+    texts = [r["instruction"] for r in load_rows()]
+    assert [classify_instruction(t) for t in texts] == [classify_instruction(t) for t in reversed(texts)][
+        ::-1
+    ]
 
 
 @pytest.mark.parametrize(

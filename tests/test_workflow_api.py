@@ -6,9 +6,13 @@ The node specs are /object_info entries recorded from the ComfyUI test server
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
 import io
 import json
+import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,7 +49,8 @@ from x2edit_core.run.workflow_api import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# Other issues ship more workflows here; these three are this module's (their nodes are in the sample).
+# The workflows whose nodes are all in the recorded object_info sample (the early-filter workflow's
+# nodes are not; tests/comfy/test_workflows.py runs every workflow on a live server).
 WORKFLOWS = [
     REPO / "workflows" / n
     for n in ("icedit_moe_lora.json", "icedit_normal_lora.json", "x2edit_task_routed.json")
@@ -940,7 +945,81 @@ def test_progress_lines_from_websocket_messages():
         listener._handle(json.dumps(message).encode())
     listener._handle(b"not json")
     assert lines == ["running node 14 (KSampler)", "  step 1/2", "  step 2/2", "cached: 2 node(s)"]
-    assert not ProgressListener("http://127.0.0.1:9", "cid", lines.append).start(timeout=1)
+    closed = ProgressListener("http://127.0.0.1:9", "cid", lines.append)
+    assert not closed.start(timeout=1) and "polling the queue instead" in closed.unavailable
+
+
+class FakeComfyWebsocket:
+    """A one-connection websocket server on 127.0.0.1 (RFC 6455 handshake, unmasked server frames)
+    that sends ComfyUI-style messages, then closes; records the request line."""
+
+    GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def __init__(self, messages):
+        self.messages = messages
+        self.request_line = None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def frame(payload: bytes, opcode: int) -> bytes:
+        head = bytes([0x80 | opcode])
+        if len(payload) < 126:
+            return head + bytes([len(payload)]) + payload
+        return head + bytes([126]) + len(payload).to_bytes(2, "big") + payload
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(1024)
+            lines = request.decode().split("\r\n")
+            self.request_line = lines[0]
+            key = next(
+                line.split(":", 1)[1].strip()
+                for line in lines
+                if line.lower().startswith("sec-websocket-key")
+            )
+            accept = base64.b64encode(hashlib.sha1((key + self.GUID).encode()).digest()).decode()
+            conn.sendall(
+                (
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                ).encode()
+            )
+            conn.sendall(self.frame(b"\x00\x00\x00\x01preview-bytes", 2))  # binary: a preview image
+            for message in self.messages:
+                conn.sendall(self.frame(json.dumps(message).encode(), 1))
+            conn.sendall(self.frame(b"\x03\xe8", 8))  # close
+        self.listener.close()
+
+
+def test_progress_over_a_real_websocket_connection():
+    lines = []
+    messages = [
+        {"type": "status", "data": {"status": {}}},
+        {"type": "executing", "data": {"node": "14", "prompt_id": "p1"}},
+        {"type": "progress", "data": {"value": 2, "max": 2, "node": "14", "prompt_id": "p1"}},
+    ]
+    server = FakeComfyWebsocket(messages)
+    listener = ProgressListener(server.url, "cid-7", lines.append, {"14": {"class_type": "KSampler"}})
+    assert listener.start(timeout=5), listener.unavailable
+    server.thread.join(timeout=30)
+    listener._thread.join(timeout=30)  # ends at the server's close frame
+    listener.stop()
+    assert server.request_line == "GET /ws?clientId=cid-7 HTTP/1.1"
+    assert lines == ["running node 14 (KSampler)", "  step 2/2"]
+
+
+def test_without_websocket_client_the_cli_polls_and_says_so(fake, image_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "websocket", None)  # import websocket -> ImportError
+    code = run_cli.main(cli_args(fake, image_file, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "needs the websocket-client package" in err and "polling the queue instead" in err
 
 
 def test_new_frontend_widget_sockets_without_links_keep_widget_values():

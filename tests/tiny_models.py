@@ -311,3 +311,48 @@ def write_tiny_flux_lora(path: str | Path, config: TinyFluxConfig | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tiny_flux_lora_state_dict(config, **kwargs), str(path))
     return path
+
+
+# --- FLUX as GGUF (the layout ComfyUI-GGUF's UnetLoaderGGUF reads) ---
+
+# As ComfyUI-GGUF's converter does: 1-D tensors and tensors of at most this many values stay F32.
+GGUF_KEEP_F32_MAX_VALUES = 1024
+
+
+def gguf_tensor_types(state_dict: dict[str, torch.Tensor], qtype_name: str) -> dict[str, str]:
+    """GGML type name per tensor: `qtype_name` for weights whose rows split into whole quant blocks,
+    F32 for 1-D and small tensors, F16 for the rest."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
+    types = {}
+    for name, tensor in state_dict.items():
+        if tensor.dim() <= 1 or tensor.numel() <= GGUF_KEEP_F32_MAX_VALUES:
+            types[name] = "F32"
+        elif tensor.shape[-1] % block_size == 0:
+            types[name] = qtype_name
+        else:
+            types[name] = "F16"
+    return types
+
+
+def write_flux_gguf(path: str | Path, state_dict: dict[str, torch.Tensor], qtype_name: str = "Q8_0") -> Path:
+    """Write a BFL-layout FLUX state dict as a GGUF file (architecture "flux", tensor names unchanged,
+    weights quantized to `qtype_name`, e.g. Q8_0, Q5_0, Q4_0; see `gguf_tensor_types`)."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    types = gguf_tensor_types(state_dict, qtype_name)
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name in sorted(state_dict):
+        qtype = gguf.GGMLQuantizationType[types[name]]
+        data = state_dict[name].detach().to(torch.float32).numpy()
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

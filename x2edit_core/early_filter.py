@@ -8,6 +8,10 @@ best early result and runs the winning noise for the full n steps. Two ways to g
 - `resume`: each candidate runs the first m steps of the n-step schedule and is judged on the
   predicted x0 at that point; the winner continues from step m. NFE = M*m + (n - m).
 
+With adaptive selection (x2edit_core.selection.select_adaptive) candidates are drawn batch by batch
+and drawing stops once one scores well enough: the NFE above then counts the K <= M candidates
+drawn, n + K*m or K*m + n - m.
+
 NFE here counts sampler steps (one model evaluation per step for first-order samplers such as euler;
 second-order samplers take more per step, in every mode alike). Candidate i uses seed `seed + i`
 (wrapping at 2**64, ComfyUI's seed range), so candidate 0 is the plain run of the given seed.
@@ -23,6 +27,7 @@ __all__ = [
     "MODES",
     "SEED_MODULUS",
     "EarlyFilterPlan",
+    "adaptive_nfe_line",
     "candidate_seeds",
     "format_filter_report",
     "make_plan",
@@ -115,8 +120,9 @@ class EarlyFilterPlan:
         return self.nfe / plain_nfe(self.total_steps)
 
     def progress_total(self, judge_calls: int) -> int:
-        """Progress-bar units: one per candidate step, one per judge call, one per final step."""
-        return self.candidates * self.early_steps + judge_calls + self.final_steps
+        """Progress-bar units: one per candidate step, one per preview decode, one per judge call, one
+        per final step."""
+        return self.candidates * self.early_steps + self.candidates + judge_calls + self.final_steps
 
     def describe(self) -> str:
         return (
@@ -159,10 +165,13 @@ def format_filter_report(
     winner_index: int,
     selection_report: str,
     timings: dict[str, float] | None = None,
+    warnings: tuple[str, ...] | list[str] = (),
 ) -> str:
-    """The node's STRING report: plan and NFE, the selection's comparisons, the winner and timings."""
+    """The node's STRING report: warnings first, then plan and NFE, the selection's comparisons, the
+    winner and timings."""
     seeds = plan.seeds
-    lines = [
+    lines = [f"WARNING: {warning}" for warning in warnings]
+    lines += [
         f"X2Edit early filter, {plan.describe()}.",
         "Candidate seeds: " + ", ".join(f"{i}: {s}" for i, s in enumerate(seeds)) + ".",
         selection_report,
@@ -173,3 +182,13 @@ def format_filter_report(
             "Time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items()) + "."
         )
     return "\n".join(lines)
+
+
+def adaptive_nfe_line(plan: EarlyFilterPlan, drawn: int, threshold: float) -> str:
+    """The adaptive selection's cost: candidates drawn of the budget and NFE spent of the most possible."""
+    spent = nfe(plan.mode, drawn, plan.early_steps, plan.total_steps)
+    return (
+        f"Adaptive selection (threshold {threshold:g}): drew {drawn} of {plan.candidates} candidate(s); NFE "
+        f"spent {spent} = {spent / plain_nfe(plan.total_steps):.2f}x a plain run (budget {plan.nfe} = "
+        f"{plan.nfe_ratio:.2f}x)."
+    )

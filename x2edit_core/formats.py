@@ -5,8 +5,10 @@ Formats (detected automatically by :func:`detect_format`):
 - ``icedit``: ICEdit's MoE-LoRA (one safetensors file). MoE layers have ``lora_A.expert_{j}``,
   ``lora_B.expert_{j}`` and ``lora_route`` keys; the other layers are a plain diffusers LoRA.
 - ``x2edit``: an X2Edit checkpoint folder: ``lora.safetensors`` (``*.attn.processor.{q,k,v,proj}_moe_lora.*``)
-  with ``task_embeddings.bin`` (a torch pickle, read with ``weights_only=True`` only). The folder's
-  ``diffusion_pytorch_model.bin`` (the text AlignNet) is not part of the LoRA and is reported as ignored.
+  with ``task_embeddings.bin`` (a torch pickle, read with ``weights_only=True`` only) and
+  ``diffusion_pytorch_model.bin``, X2Edit's text AlignNet (read into :attr:`LoadedAdapters.alignnet`; see
+  ``x2edit_core.alignnet``). X2Edit's Qwen-Image checkpoints use the same key names over 60
+  ``transformer_blocks`` and no single blocks; they are recognised and refused with that reason.
 - ``x2edit_moe_lora``: ours; one safetensors file whose metadata describes everything.
 - ``plain``: any other LoRA file; handed to ComfyUI's own LoRA loader.
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .alignnet import ALIGNNET_FILE, AlignNet, load_alignnet
 from .errors import FormatError
 from .moe import ROUTER_TASK, ROUTER_TOKEN, MoEConfig, MoELoRA
 from .placement import APPLY_INPUT, APPLY_OUTPUT
@@ -40,6 +43,7 @@ OURS_FORMAT_VERSION = 1
 X2EDIT_LORA_FILE = "lora.safetensors"
 X2EDIT_TASK_FILE = "task_embeddings.bin"
 X2EDIT_DEFAULT_TOP_K = 2  # from the paper; not stored in X2Edit's files
+FLUX_DOUBLE_BLOCKS = 19  # FLUX.1; X2Edit's Qwen-Image variant has 60 blocks and no single blocks
 
 _ICEDIT_RE = re.compile(r"^(?:transformer\.)?(.+)\.(lora_A|lora_B)\.expert_(\d+)\.weight$")
 _ICEDIT_ROUTE_RE = re.compile(r"^(?:transformer\.)?(.+)\.lora_route\.weight$")
@@ -66,6 +70,7 @@ class LoadedAdapters:
     plain: dict[str, torch.Tensor] = field(default_factory=dict)  # a LoRA state dict ComfyUI can read
     task_embedding: torch.Tensor | None = None  # [num_tasks, task_dim]
     task_names: list[str] | None = None
+    alignnet: AlignNet | None = None  # X2Edit's text AlignNet, when the checkpoint folder has one
     ignored: dict[str, str] = field(default_factory=dict)  # key or file -> why it was not used
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -90,6 +95,12 @@ class LoadedAdapters:
             )
         if self.task_embedding is not None:
             lines.append(f"task embedding {tuple(self.task_embedding.shape)}")
+        if self.alignnet is not None:
+            a = self.alignnet
+            lines.append(
+                f"text AlignNet ({ALIGNNET_FILE}): {a.num_states} hidden states x {a.in_dim} -> context "
+                f"{a.out_dim}, pooled {a.pooled_dim} (used by X2Edit Text Encode, not by this loader)"
+            )
         for k, why in sorted(self.ignored.items()):
             lines.append(f"ignored {k}: {why}")
         return "\n".join(lines)
@@ -302,6 +313,16 @@ def _load_x2edit(folder: str | None, header: SafetensorsHeader) -> LoadedAdapter
         else:
             g["gate"] = key
     fname = os.path.basename(header.path)
+    double = {index for kind, index, _ in groups if kind == "transformer_blocks"}
+    if (
+        double
+        and max(double) >= FLUX_DOUBLE_BLOCKS
+        and not any(k == "single_transformer_blocks" for k, _, _ in groups)
+    ):
+        raise FormatError(
+            f"{fname}: this is X2Edit's Qwen-Image variant ({max(double) + 1} transformer_blocks, no single "
+            "blocks); this loader is for FLUX (19 double + 38 single blocks). Use X2Edit's FLUX checkpoint."
+        )
     with TensorReader(header) as reader:
         for (kind, index, which), g in sorted(groups.items()):
             where = f"{kind}.{index} {which}_moe_lora"
@@ -371,8 +392,8 @@ def _load_x2edit(folder: str | None, header: SafetensorsHeader) -> LoadedAdapter
         for name in sorted(os.listdir(folder)):
             if name in (X2EDIT_LORA_FILE, X2EDIT_TASK_FILE):
                 continue
-            if name == "diffusion_pytorch_model.bin":
-                result.ignored[name] = "X2Edit's text AlignNet (Qwen2.5-VL adapter), not part of the LoRA"
+            if name == ALIGNNET_FILE:
+                result.alignnet = load_alignnet(os.path.join(folder, name))
             else:
                 result.ignored[name] = "not part of an X2Edit MoE-LoRA checkpoint"
     if result.task_embedding is None:

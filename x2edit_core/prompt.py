@@ -1,7 +1,7 @@
 """ICEdit's in-context (IC) prompt and safe custom prompt templates.
 
-ICEdit trains and infers with one fixed sentence around the user's instruction (REFERENCE.md
-section 1, read in River-Zhang/ICEdit scripts/gradio_demo.py). The official ComfyUI node drops the
+ICEdit trains and infers with one fixed sentence around the user's instruction (River-Zhang/ICEdit,
+its training code and scripts/gradio_demo.py; docs/reference.md). The official ComfyUI node drops the
 word "exactly", which no longer matches training; the default here is the training text word for
 word, without a trailing period.
 
@@ -22,7 +22,7 @@ IC_PROMPT_TEMPLATE = (
     "A diptych with two side-by-side images of the same scene. "
     "On the right, the scene is exactly the same as on the left but {instruction}"
 )
-"""ICEdit's training / official-inference prompt (REFERENCE.md section 1)."""
+"""ICEdit's training / official-inference prompt, word for word."""
 
 PLACEHOLDERS = ("instruction", "subject")
 

@@ -1,6 +1,6 @@
 """X2Edit's 16 edit tasks, and classifiers that map an instruction to one of them.
 
-Task ids and meanings are X2Edit's (REFERENCE.md section 2). X2Edit's public code
+Task ids and meanings are X2Edit's (paper arXiv 2508.07607; docs/reference.md). X2Edit's public code
 (OPPO-Mente-Lab/X2Edit, src/intention_qwen3.py) asks Qwen3-8B, with a Chinese prompt, which of the
 labels 删除主体 / 添加主体 / 风格更改 / 背景更改 / 颜色更改 / 材料更改 / 动作更改 / 替换主体 / 人物修图 /
 文字更改 / 色调变换 / 相机移动 / implicit_change / low_leval / subject (ids 1..15) an instruction belongs

@@ -191,7 +191,7 @@ class ComfyServer:
             link = self.custom_nodes_dir / name
             if not link.exists():
                 link.symlink_to(target, target_is_directory=True)
-        folders = ["diffusion_models", "vae", "loras"]
+        folders = ["diffusion_models", "vae", "loras", "text_encoders"]
         lines = ["x2edit_tests:", f"  base_path: {json.dumps(str(self.models_dir))}"]
         lines += [f"  {f}: {f}" for f in folders]
         lines.append(f"  custom_nodes: {json.dumps(str(self.custom_nodes_dir))}")

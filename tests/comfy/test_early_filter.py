@@ -4,13 +4,14 @@ both modes against plain KSampler runs, the served and local VLM judges, interru
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from comfy_harness import ComfyExecutionError, tiny_fill_inpaint_prompt
+from comfy_harness import ComfyExecutionError, ComfyValidationError, tiny_fill_inpaint_prompt
 from safetensors.torch import load_file
 from vlm_fixtures import FakeChatServer, ScriptedReply, build_tiny_qwen2vl, chat_reply
 
@@ -30,6 +31,8 @@ def filter_prompt(
     seed: int = 10,
     prefix: str = "early_filter/run",
     judge_view: str = "right_panel",
+    keep_first_if_judge_fails: bool = False,
+    judge_deadline: float = 600.0,
 ) -> dict:
     """The tiny Fill inpaint prompt plus the filter (node "41", judge "40"); the plain KSampler "10"
     runs n steps from the filter's winning seed, saved by "13"; "42" saves the filter's latent and
@@ -57,6 +60,8 @@ def filter_prompt(
             "mode": mode,
             "batch_size": batch_size,
             "judge_view": judge_view,
+            "judge_deadline": judge_deadline,
+            "keep_first_if_judge_fails": keep_first_if_judge_fails,
         },
     }
     prompt["42"] = {
@@ -182,11 +187,23 @@ def test_resume_winner_is_plain_run_whichever_candidate_wins(comfy):
     assert (got["latent"] - got["plain"]).abs().max().item() <= 1e-4
 
 
-def test_unusable_answers_keep_first_candidate(comfy):
+def test_only_unusable_answers_stop_the_filter_with_an_error(comfy):
+    offset = comfy.log_offset()
     prompt = filter_prompt(comfy, scripted_judge("unusable"), candidates=3, prefix="ef/unusable")
+    with pytest.raises(ComfyExecutionError, match="No judge call gave a usable answer"):
+        comfy.run(prompt)
+    log = comfy.log(since=offset)
+    assert "unusable judge answer" in log  # each failed comparison is in the server log too
+
+
+def test_asked_for_fall_back_keeps_the_first_candidate_with_a_warning_first(comfy):
+    prompt = filter_prompt(
+        comfy, scripted_judge("unusable"), candidates=3, prefix="ef/fallback", keep_first_if_judge_fails=True
+    )
     got = outputs(comfy, comfy.run(prompt))
     assert winning_seed(got["report"]) == 10
-    assert "unusable answers: 2" in got["report"] and "WARNING" in got["report"]
+    assert got["report"].startswith("WARNING: unusable judge answer")
+    assert "kept WITHOUT any judging" in got["report"] and "unusable answers: 2" in got["report"]
 
 
 def test_batched_and_one_by_one_candidates_agree(comfy):
@@ -216,19 +233,58 @@ def test_served_judge_end_to_end(comfy):
     assert "Image 2 follows the instruction better." in got["report"]
 
 
-def test_served_judge_missing_key_variable_is_a_clear_error(comfy):
+def test_served_judge_missing_key_variable_is_refused_at_queue_time(comfy):
     prompt = filter_prompt(
-        comfy, served_judge("http://127.0.0.1:9/v1", api_key_env="X2EDIT_TEST_UNSET_KEY"), prefix="ef/nokey"
+        comfy,
+        served_judge("http://127.0.0.1:9/v1", api_key_env="X2EDIT_TEST_UNSET_API_KEY"),
+        prefix="ef/nokey",
     )
-    with pytest.raises(ComfyExecutionError, match="X2EDIT_TEST_UNSET_KEY is not set"):
-        comfy.run(prompt)
+    with pytest.raises(ComfyValidationError, match="X2EDIT_TEST_UNSET_API_KEY is not set"):
+        comfy.queue(prompt)
+
+
+@pytest.mark.parametrize(
+    ("url_kind", "variable", "message"),
+    [
+        ("fake", "AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY, which the machine's owner has not"),
+        ("fake", "HF_TOKEN", "HF_TOKEN, which the machine's owner has not"),
+        ("http://judge.example.invalid/v1", "X2EDIT_TEST_UNSET_API_KEY", "plain http to a host that is not"),
+        ("http://user:pass@127.0.0.1:9/v1", "", "user information"),
+    ],
+)
+def test_hostile_workflow_is_refused_at_queue_time(comfy, url_kind, variable, message):
+    with FakeChatServer([chat_reply("1")]) as server:
+        url = server.base_url if url_kind == "fake" else url_kind
+        prompt = filter_prompt(comfy, served_judge(url, api_key_env=variable), prefix="ef/hostile")
+        with pytest.raises(ComfyValidationError, match=message):
+            comfy.queue(prompt)
+    assert server.requests == []
 
 
 def test_served_judge_server_error_is_counted_not_fatal(comfy):
-    with FakeChatServer([ScriptedReply(500, {"error": {"message": "model overloaded"}})]) as server:
+    replies = [ScriptedReply(500, {"error": {"message": "model overloaded"}}), chat_reply("2\nsharper")]
+    with FakeChatServer(replies) as server:
         got = outputs(comfy, comfy.run(filter_prompt(comfy, served_judge(server.base_url), prefix="ef/500")))
-    assert winning_seed(got["report"]) == 10
-    assert "judge errors: 2" in got["report"] and "model overloaded" in got["report"]
+    assert winning_seed(got["report"]) == 12  # the first call failed (kept 10); the second chose 12
+    assert "judge errors: 1" in got["report"] and "model overloaded" in got["report"]
+    assert got["report"].startswith("WARNING: judge call failed")
+
+
+def test_every_served_judge_call_failing_is_an_error(comfy):
+    with FakeChatServer([ScriptedReply(500, {"error": {"message": "model overloaded"}})]) as server:
+        prompt = filter_prompt(comfy, served_judge(server.base_url), prefix="ef/all500")
+        with pytest.raises(ComfyExecutionError, match="No judge call gave a usable answer.*model overloaded"):
+            comfy.run(prompt)
+    assert len(server.requests) == 2
+
+
+def test_unreachable_judge_stops_at_the_first_call(comfy):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompt = filter_prompt(comfy, served_judge(f"http://127.0.0.1:{port}/v1"), prefix="ef/unreachable")
+    with pytest.raises(ComfyExecutionError, match="first judge call could not connect"):
+        comfy.run(prompt)
 
 
 def test_local_vlm_judge_end_to_end(comfy):
@@ -245,12 +301,15 @@ def test_local_vlm_judge_end_to_end(comfy):
             "max_image_side": 64,
         },
     }
-    got = outputs(comfy, comfy.run(filter_prompt(comfy, judge, candidates=2, prefix="ef/local"), timeout=300))
-    # The random tiny VLM answers random words: any outcome is fine, but it must have been asked.
+    prompt = filter_prompt(comfy, judge, candidates=2, prefix="ef/local", keep_first_if_judge_fails=True)
+    got = outputs(comfy, comfy.run(prompt, timeout=300))
+    # The random tiny VLM answers random words: any outcome is fine (an unusable one falls back, as
+    # asked), but it must have been asked and have answered without an error.
     assert "local VLM judge x2edit_tiny_qwen2vl" in got["report"]
     assert "Judge calls: 1" in got["report"]
     assert "judge errors: 0" in got["report"], got["report"]
-    assert winning_seed(got["report"]) in (10, 11)
+    # The winner follows the one answer: candidate 1 (seed 11) only on a usable "2".
+    assert winning_seed(got["report"]) == (11 if "answer 2:" in got["report"] else 10)
 
 
 def _interrupted(comfy, prompt_id: str) -> list:
@@ -304,11 +363,11 @@ def test_interrupt_while_sampling_stops_promptly_and_leaves_model_clean(comfy):
             break
         time.sleep(0.05)
     time.sleep(1.0)
-    start = time.monotonic()
     comfy.post("/interrupt", {})
+    # Uninterrupted, 8 x 4000 early steps would run far past the wait below: finishing within it
+    # with "execution_interrupted" shows the sampling loop checked the interrupt.
     names = _interrupted(comfy, prompt_id)
     assert "execution_interrupted" in names
-    assert time.monotonic() - start < 15
     assert torch.equal(_plain_latent(comfy, "ef/interrupt_after_sampling"), before)
 
 
@@ -354,11 +413,14 @@ def test_bad_plan_is_reported(comfy):
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "icedit_moe_early_filter.json"
 
 
-def test_early_filter_workflow_runs_with_tiny_models(comfy, tmp_path):
+def test_shipped_early_filter_workflow_runs_its_own_nodes(comfy, tmp_path):
+    """The shipped workflow's own nodes, served judge included (pointed at a fake chat server on
+    127.0.0.1), on tiny models. The one stand-in: X2EditTestCLIP for DualCLIPLoader, since CLIP-L + T5
+    cannot be tiny; X2Edit IC Prompt still encodes through it."""
     from lora_files import icedit_state_dict
     from PIL import Image
 
-    from x2edit_core.run.workflow_api import check_combo_values, workflow_to_prompt
+    from x2edit_core.run.workflow_api import check_combo_values, replace_node_type, workflow_to_prompt
 
     workflow = json.loads(WORKFLOW.read_text())
     info = comfy.object_info()
@@ -366,6 +428,7 @@ def test_early_filter_workflow_runs_with_tiny_models(comfy, tmp_path):
         assert node["type"] in ("Note", "MarkdownNote") or node["type"] in info, node["type"]
         assert not node["type"].startswith("X2EditTest"), node["type"]
     prompt = workflow_to_prompt(workflow, info)
+    shipped_types = {node["class_type"] for node in prompt.values()}
     by_type = {node["class_type"]: nid for nid, node in prompt.items()}
     filter_inputs = prompt[by_type["X2EditEarlyFilter"]]["inputs"]
     assert (filter_inputs["candidates"], filter_inputs["early_steps"], filter_inputs["total_steps"]) == (
@@ -374,8 +437,8 @@ def test_early_filter_workflow_runs_with_tiny_models(comfy, tmp_path):
         50,
     )
     assert filter_inputs["mode"] == "paper" and filter_inputs["seed"] == 0
+    assert filter_inputs["keep_first_if_judge_fails"] is False and filter_inputs["judge_deadline"] == 600.0
 
-    # Tiny stand-ins: models, image, conditioning (no CLIP) and a scripted judge.
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "ef_source.png")
     lora = comfy.add_lora(
         "tiny_icedit_moe_ef.safetensors",
@@ -390,28 +453,22 @@ def test_early_filter_workflow_runs_with_tiny_models(comfy, tmp_path):
         "ef_source.png", tmp_path / "ef_source.png"
     )
     prompt[by_type["X2EditDiptych"]]["inputs"]["panel_width"] = 32
-    del prompt[by_type["DualCLIPLoader"]]
-    prompt[by_type["X2EditICPrompt"]] = {
-        "class_type": "X2EditTestConditioning",
-        "inputs": {
-            "seed": 1,
-            "text": "make the car red",
-            "tokens": 8,
-            "guidance": 50.0,
-            "context_dim": 32,
-            "pooled_dim": 16,
-            "model": [by_type["UNETLoader"], 0],
-        },
-    }
-    prompt[by_type["X2EditServedJudge"]] = scripted_judge("brighter")
+    replace_node_type(prompt, info, "DualCLIPLoader", "X2EditTestCLIP")
     filter_inputs.update(candidates=3, early_steps=2, total_steps=3, batch_size=2)
     check_combo_values(prompt, comfy.object_info())
+    assert shipped_types - {node["class_type"] for node in prompt.values()} == {"DualCLIPLoader"}
 
-    entry = comfy.run(prompt, timeout=300)
+    replies = [chat_reply("2\nImage 2 is redder."), chat_reply("1\nImage 1 keeps the background.")]
+    with FakeChatServer(replies) as server:
+        prompt[by_type["X2EditServedJudge"]]["inputs"]["base_url"] = server.base_url
+        entry = comfy.run(prompt, timeout=300)
+    assert len(server.requests) == 2
+    assert "make the car red" in server.requests[0].body["messages"][0]["content"][-1]["text"]
     (saved,) = comfy.output_files(entry, node_id=by_type["SaveImage"], kind="images")
     with Image.open(saved) as image:
         assert image.size == (32, 32)  # the crop restores the source size
     previews = comfy.output_files(entry, node_id=by_type["PreviewImage"], kind="images")
     assert len(previews) == 3
     report = "".join(entry["outputs"][by_type["PreviewAny"]]["text"])
-    assert "Winning seed:" in report and "scripted judge (brighter)" in report
+    assert "Winning seed: 1 (candidate 1)" in report and "served judge Qwen/Qwen2.5-VL-72B-Instruct" in report
+    assert "Image 2 is redder." in report and not report.startswith("WARNING")

@@ -5,13 +5,17 @@ through ComfyUI's own model loading, patching, sampling and unpatching.
 """
 
 import copy
+import json
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 from comfy_harness import ComfyExecutionError, tiny_dev_txt2img_prompt, tiny_fill_inpaint_prompt
 from lora_files import icedit_state_dict, write_x2edit_dir
 from safetensors.torch import load_file
+from test_early_filter import filter_prompt
 
 TINY = dict(hidden=64, num_double=2, num_single=2, dtype=torch.float32, std=0.05)
 MOE_MODULES = [
@@ -101,6 +105,12 @@ def test_loader_listed_with_tooltips(comfy, icedit):
     for name, spec in required.items():
         assert spec[1].get("tooltip"), f"input {name} has no tooltip"
     assert info["output"] == ["MODEL", "STRING"]
+
+
+def test_nodes_use_the_versioned_comfy_api_where_the_host_has_one(comfy):
+    versioned = (comfy.server.install.root / "comfy_api" / "v0_0_2").is_dir()
+    expected = "comfy_api.v0_0_2" if versioned else "comfy_api.latest"
+    assert f"x2edit: nodes on {expected}" in comfy.log()
 
 
 def test_strength_zero_is_exactly_no_lora(comfy, icedit, baseline):
@@ -246,3 +256,74 @@ def test_bad_files_give_clear_errors_and_the_server_survives(comfy, icedit, base
 
     assert "X2EditMoELoRALoader" in comfy.object_info()
     assert torch.equal(_run(comfy, "after_errors", []), baseline)
+
+
+# -- bad file choices: refused when the prompt is queued (HTTP 400), before anything loads --------------
+
+
+def _post_prompt(comfy, prompt):
+    """(HTTP status, body) of POST /prompt."""
+    data = json.dumps({"prompt": prompt, "client_id": comfy.client_id}).encode()
+    request = urllib.request.Request(
+        f"{comfy.url}/prompt", data=data, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_bad_file_choices_are_refused_at_queue_time_and_nothing_loads(comfy, icedit):
+    # A diffusion model file no prompt has loaded: loading it would log its weight dtype.
+    unet = comfy.add_file(
+        "diffusion_models",
+        "x2edit_queue_check_fill.safetensors",
+        comfy.models_dir / "diffusion_models" / (comfy.models["fill"]),
+    )
+
+    def fill(loaders):
+        prompt = _fill_prompt(comfy, "queue_check", loaders)
+        prompt["1"]["inputs"]["unet_name"] = unet
+        return prompt
+
+    judge = {
+        "class_type": "X2EditLocalVLMJudge",
+        "inputs": {
+            "folder": "x2edit_no_such_vlm",
+            "dtype": "float32",
+            "device": "cpu",
+            "max_new_tokens": 4,
+            "max_image_side": 64,
+        },
+    }
+    judged = filter_prompt(comfy, judge, candidates=2, prefix="queue_check/judge")
+    judged["1"]["inputs"]["unet_name"] = unet
+    router = (
+        "X2EditTaskRouter",
+        {
+            "instruction": "remove the cup",
+            "mode": "auto",
+            "lm_folder": str(comfy.models_dir / "x2edit_no_such_lm"),
+            "expert_map": "",
+            "num_experts": 4,
+        },
+    )
+    cases = {
+        "missing lora": (fill([_moe("x2edit_no_such_lora.safetensors")]), "not in the loras folder"),
+        "lora outside loras": (fill([_moe(f"../diffusion_models/{unet}")]), "not in the loras folder"),
+        "missing judge folder": (judged, "x2edit_no_such_vlm"),
+        "missing LM folder": (fill([_moe(icedit["moe"]), router]), "does not exist"),
+    }
+    history = set(comfy.get("/history"))
+    offset = comfy.log_offset()
+    for case, (prompt, needle) in cases.items():
+        status, body = _post_prompt(comfy, prompt)
+        assert status == 400 and needle in body, f"{case}: HTTP {status}: {body}"
+    queue = comfy.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"]
+    assert set(comfy.get("/history")) == history
+    assert "model weight dtype" not in comfy.log(offset)  # the diffusion model never loaded
+
+    comfy.run(fill([_moe(icedit["moe"])]))  # the same prompt with a good file loads the model
+    assert "model weight dtype" in comfy.log(offset)

@@ -1,12 +1,14 @@
 """Every shipped workflow runs on the real server through x2edit-run (in process), with tiny models.
 
 Substitutions: the tiny FLUX Fill and VAE (--model), tiny LoRA files in the ICEdit / X2Edit layouts, and
-X2EditTestCLIP for DualCLIPLoader (--replace-node-type: CLIP-L + T5 cannot be tiny). Small panels and two
-steps keep each run to a few seconds.
+one stand-in node, X2EditTestCLIP for DualCLIPLoader (--replace-node-type: CLIP-L + T5 cannot be tiny);
+every other node is the shipped one (the early filter's served judge talks to a fake chat server on
+127.0.0.1). Small panels and two steps keep each run to a few seconds.
 """
 
 import copy
 import json
+import socket
 
 import lora_files
 import pytest
@@ -14,6 +16,7 @@ import torch
 from comfy_harness import REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file
+from vlm_fixtures import FakeChatServer, chat_reply
 
 from x2edit_core.run import cli as run_cli
 from x2edit_core.run.workflow_api import widget_value_mismatches, workflow_to_prompt
@@ -80,7 +83,9 @@ def tiny_args(comfy, workflow, lora, image, output, *extra, instruction="remove 
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
-def test_shipped_workflow_runs_through_x2edit_run(comfy, tiny_loras, tmp_path, capsys, workflow):
+def test_shipped_workflow_runs_through_x2edit_run_with_a_stand_in_text_encoder(
+    comfy, tiny_loras, tmp_path, capsys, workflow
+):
     image = write_image(tmp_path / "source.png", 77, 50)
     output = tmp_path / "result" / "edited.png"
     code = run_cli.main(tiny_args(comfy, workflow, tiny_loras[workflow], image, output, "--seed", "3"))
@@ -93,6 +98,72 @@ def test_shipped_workflow_runs_through_x2edit_run(comfy, tiny_loras, tmp_path, c
     assert "running node" in err and "step 2/2" in err  # progress from the server's websocket
     if workflow == "x2edit_task_routed":
         assert "Chosen task: remove_subject" in err
+
+
+# --- the early-filter workflow -------------------------------------------------------------------------
+
+EARLY_FILTER = "icedit_moe_early_filter"
+
+
+def early_filter_args(comfy, tiny_loras, image, output, judge_url, *extra):
+    return [
+        str(REPO_ROOT / "workflows" / f"{EARLY_FILTER}.json"),
+        "--url",
+        comfy.url,
+        "--image",
+        str(image),
+        "--instruction",
+        "remove the cup from the table",
+        "--output",
+        str(output),
+        "--model",
+        f"unet={comfy.models['fill']}",
+        "--model",
+        f"vae={comfy.models['vae']}",
+        "--model",
+        f"lora={tiny_loras['icedit_moe_lora']}",
+        "--replace-node-type",
+        "DualCLIPLoader=X2EditTestCLIP",
+        "--set",
+        "X2EditDiptych.panel_width=64",
+        "--set",
+        "X2EditEarlyFilter.candidates=3",
+        "--set",
+        "X2EditEarlyFilter.early_steps=2",
+        "--set",
+        "X2EditEarlyFilter.total_steps=2",
+        "--set",
+        f"X2EditServedJudge.base_url={judge_url}",
+        *extra,
+    ]
+
+
+def test_shipped_early_filter_workflow_runs_through_x2edit_run(comfy, tiny_loras, tmp_path, capsys):
+    image = write_image(tmp_path / "source.png", 77, 50)
+    output = tmp_path / "edited.png"
+    with FakeChatServer([chat_reply("2\nImage 2 removed the cup.")]) as judge:
+        code = run_cli.main(early_filter_args(comfy, tiny_loras, image, output, judge.base_url))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    with Image.open(output) as result:
+        assert result.size == (77, 50)
+    # --instruction reaches the judge as well as the prompt; the challenger won both comparisons.
+    assert len(judge.requests) == 2
+    assert '"remove the cup from the table"' in judge.requests[0].body["messages"][0]["content"][-1]["text"]
+    assert "Winning seed: 2 (candidate 2)" in err and "Image 2 removed the cup." in err
+
+
+def test_shipped_early_filter_workflow_fails_loudly_without_its_judge(comfy, tiny_loras, tmp_path, capsys):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    image = write_image(tmp_path / "source.png", 77, 50)
+    output = tmp_path / "edited.png"
+    args = early_filter_args(comfy, tiny_loras, image, output, f"http://127.0.0.1:{port}/v1", "-q")
+    code = run_cli.main(args + ["--set", "X2EditServedJudge.retries=0"])
+    err = capsys.readouterr().err
+    assert code == 3 and not output.exists()
+    assert "first judge call could not connect" in err and f"127.0.0.1:{port}" in err
 
 
 # --- two tasks in one queue --------------------------------------------------------------------------
@@ -233,11 +304,11 @@ def test_server_validation_error_is_reported_verbatim(comfy, tiny_loras, tmp_pat
 
 
 def test_every_workflow_in_the_folder_lines_up_with_the_live_servers_nodes(comfy):
-    """All workflows/*.json (this issue's and others'): only installed node types, widget values that line
-    up with the server's inputs, and a prompt that saves an image."""
+    """All workflows/*.json: only installed node types, widget values that line up with the server's
+    inputs, and a prompt that saves an image."""
     info = comfy.object_info()
     paths = sorted((REPO_ROOT / "workflows").glob("*.json"))
-    assert {f"{w}.json" for w in WORKFLOWS} <= {p.name for p in paths}
+    assert {f"{w}.json" for w in WORKFLOWS + (EARLY_FILTER,)} <= {p.name for p in paths}
     for path in paths:
         workflow = json.loads(path.read_text())
         assert widget_value_mismatches(workflow, info) == [], path.name

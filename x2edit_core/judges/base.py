@@ -5,13 +5,15 @@ source and keeps a running winner. A judge here gets the original image, two can
 instruction, and answers 1 or 2 with a short reason:
 
 - `ServedJudge`: any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, llama.cpp, LM Studio,
-  Ollama, hosted APIs). Images go inline as base64 PNG data URLs; the API key is read from an
-  environment variable whose *name* is configured, so no key ever sits in a workflow.
+  Ollama, hosted APIs). Images go inline as base64 PNG data URLs; the API key comes from an
+  environment variable the machine's owner released for judges (see `api_keys`), never from a
+  workflow.
 - `LocalVLMJudge`: a transformers VLM from a local folder (Qwen2-VL / Qwen2.5-VL family, others
   through `AutoModelForImageTextToText`), loaded on first use and released afterwards so that the
   diffusion model gets its memory back.
 
-Answers are parsed by `parse_choice`; an unusable answer gives a verdict with `choice=None`, which
+Judges also score a single edit (`score`, VIEScore-style SC/PQ/overall; prompt and parsing in
+`scoring`). Answers are parsed by `parse_choice`; an unusable answer gives a verdict with `choice=None`, which
 the selection (x2edit_core.selection) counts and handles by keeping the current best.
 """
 
@@ -26,12 +28,15 @@ from typing import Any
 
 from PIL import Image
 
-from ..errors import JudgeConfigError
+from ..errors import JudgeConfigError, JudgeError, JudgeUnavailableError
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPT",
     "IMAGE_LABELS",
     "Judge",
+    "JudgeConnectionError",
+    "JudgeDeadlineError",
+    "JudgeFailedError",
     "JudgeVerdict",
     "build_judge_prompt",
     "image_to_pil",
@@ -57,6 +62,19 @@ DEFAULT_JUDGE_PROMPT = (
 INSTRUCTION_PLACEHOLDER = "{instruction}"
 _PLACEHOLDER_RE = re.compile(r"\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 _REASON_MAX_CHARS = 600
+
+
+class JudgeConnectionError(JudgeUnavailableError):
+    """The judge server could not be reached at all (refused, unknown host, network down)."""
+
+
+class JudgeDeadlineError(JudgeUnavailableError):
+    """The judging time budget (the early filter's deadline) ran out before the judge answered."""
+
+
+class JudgeFailedError(JudgeError, RuntimeError):
+    """Judging failed as a whole (no usable answer, or the first call could not connect), so the
+    early filter stops instead of silently keeping an unjudged candidate."""
 
 
 @dataclass(frozen=True)
@@ -347,12 +365,24 @@ class Judge:
     in IMAGE_LABELS) with the prompt, and returns a verdict whose choice is None when the answer named
     no winner. Raises JudgeConfigError when the judge is set up wrongly, JudgeUnavailableError when
     it gave no reply.
+
+    `deadline` is a `time.monotonic()` instant set by the selection while it calls the judge (None:
+    no limit). A judge that waits (network, retries) must give up by then with JudgeDeadlineError; a
+    judge that cannot stop mid-call is still bounded between calls by the selection.
     """
 
     prompt_template: str | None = None
+    score_prompt_template: str | None = None
+    deadline: float | None = None
 
     def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
         raise NotImplementedError
+
+    def score(self, source: Any, edited: Any, instruction: str, *, prompt_template: str | None = None):
+        """Pointwise scoring (x2edit_core.judges.scoring): the source, one edit and the instruction ->
+        EditScore with SC, PQ and overall on 0-10 (all None for an unusable answer). Same errors as
+        `compare`. prompt_template overrides the judge's scoring prompt for this call."""
+        raise NotImplementedError(f"{self.describe()} has no pointwise scoring")
 
     def release(self) -> None:
         """Free the judge's memory (GPU first). A later `compare` loads it again when needed."""
@@ -363,3 +393,11 @@ class Judge:
 
     def prompt(self, instruction: str) -> str:
         return build_judge_prompt(instruction, self.prompt_template)
+
+    def score_prompt(self, instruction: str, template: str | None = None) -> str:
+        """The scoring prompt: `template`, else the judge's own scoring template, else the default."""
+        from .scoring import build_score_prompt
+
+        return build_score_prompt(
+            instruction, template if template is not None else self.score_prompt_template
+        )

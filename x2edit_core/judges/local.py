@@ -21,6 +21,7 @@ from .base import (
     validate_prompt_template,
     verdict_from_answer,
 )
+from .scoring import SCORE_IMAGE_LABELS, EditScore, edit_score_from_answer
 
 # Qwen2-VL's chat format, used when a model folder ships no chat template.
 QWEN_VL_CHAT_TEMPLATE = (
@@ -57,6 +58,7 @@ class LocalVLMJudge(Judge):
         max_new_tokens: int = 128,
         max_image_side: int | None = 1024,
         prompt_template: str | None = None,
+        score_prompt_template: str | None = None,
         attn_implementation: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir).expanduser()
@@ -77,6 +79,9 @@ class LocalVLMJudge(Judge):
         self.max_new_tokens = int(max_new_tokens)
         self.max_image_side = max_image_side
         self.prompt_template = None if prompt_template is None else validate_prompt_template(prompt_template)
+        self.score_prompt_template = (
+            None if score_prompt_template is None else validate_prompt_template(score_prompt_template)
+        )
         self.attn_implementation = attn_implementation
         self.model = None
         self.processor = None  # a full multimodal processor, or None when the fallback below is used
@@ -193,13 +198,20 @@ class LocalVLMJudge(Judge):
         owner = self.processor if self.processor is not None else self.tokenizer
         return None if getattr(owner, "chat_template", None) else QWEN_VL_CHAT_TEMPLATE
 
-    def encode(self, images: list[Image.Image], instruction: str) -> dict:
-        """Model inputs (tensors on CPU) for the three images and the prompt."""
+    def encode(
+        self,
+        images: list[Image.Image],
+        instruction: str,
+        labels: tuple[str, ...] = IMAGE_LABELS,
+        text: str | None = None,
+    ) -> dict:
+        """Model inputs (tensors on CPU) for the labelled images and the prompt (`text`, else the
+        pairwise prompt for `instruction`)."""
         content: list[dict] = []
-        for label in IMAGE_LABELS:
+        for label in labels:
             content.append({"type": "text", "text": label})
             content.append({"type": "image"})
-        content.append({"type": "text", "text": self.prompt(instruction)})
+        content.append({"type": "text", "text": self.prompt(instruction) if text is None else text})
         messages = [{"role": "user", "content": content}]
         owner = self.processor if self.processor is not None else self.tokenizer
         fallback_template = self._chat_template()
@@ -234,15 +246,24 @@ class LocalVLMJudge(Judge):
         return inputs
 
     def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
+        text = self.prompt(instruction)  # an empty instruction fails here, before loading anything
+        answer = self._generate([candidate_1, candidate_2, original], IMAGE_LABELS, instruction, text)
+        return verdict_from_answer(answer)
+
+    def score(
+        self, source: Any, edited: Any, instruction: str, *, prompt_template: str | None = None
+    ) -> EditScore:
+        text = self.score_prompt(instruction, prompt_template)
+        answer = self._generate([source, edited], SCORE_IMAGE_LABELS, instruction, text)
+        return edit_score_from_answer(answer)
+
+    def _generate(self, pictures: list[Any], labels: tuple[str, ...], instruction: str, text: str) -> str:
+        """The model's greedy answer to the labelled images and the prompt text."""
         import torch
 
-        self.prompt(instruction)  # an empty instruction fails here, before loading anything
         self.load()
-        images = [
-            limit_image_side(image_to_pil(im), self.max_image_side)
-            for im in (candidate_1, candidate_2, original)
-        ]
-        inputs = self.encode(images, instruction)
+        images = [limit_image_side(image_to_pil(im), self.max_image_side) for im in pictures]
+        inputs = self.encode(images, instruction, labels, text)
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         moved = {}
@@ -268,8 +289,7 @@ class LocalVLMJudge(Judge):
                 "VLM, or run the judge on another device."
             ) from exc
         new_tokens = output[:, moved["input_ids"].shape[1] :]
-        answer = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
-        return verdict_from_answer(answer)
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
     def release(self) -> None:
         """Drop the model and processor and empty the CUDA cache; `compare` reloads when needed."""

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import socket
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 from ..errors import JudgeConfigError, JudgeRequestError, JudgeUnavailableError
+from .api_keys import JudgeEndpoint, check_key_destination, parse_endpoint, read_api_key
 from .base import (
     IMAGE_LABELS,
     Judge,
+    JudgeConnectionError,
+    JudgeDeadlineError,
     JudgeVerdict,
     image_to_pil,
     limit_image_side,
@@ -24,42 +24,36 @@ from .base import (
     validate_prompt_template,
     verdict_from_answer,
 )
-
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _api_key_from_env(env_name: str) -> str | None:
-    env_name = (env_name or "").strip()
-    if not env_name:
-        return None
-    if not _ENV_NAME_RE.match(env_name) or env_name.lower().startswith(("sk-", "sk_")):
-        # Someone pasted the key itself: refuse it so it never ends up saved in a workflow.
-        raise JudgeConfigError(
-            "The API key setting must be the NAME of an environment variable (for example "
-            "OPENAI_API_KEY), not the key itself; remove the key from the workflow, set the variable "
-            "before starting ComfyUI and put its name here."
-        )
-    value = os.environ.get(env_name)
-    if not value:
-        raise JudgeConfigError(
-            f"The environment variable {env_name} is not set (or empty): set it to the API key before "
-            "starting ComfyUI, or leave the variable name empty for a server that needs no key."
-        )
-    return value
+from .scoring import SCORE_IMAGE_LABELS, EditScore, edit_score_from_answer
 
 
 def _chat_completions_url(base_url: str) -> str:
-    url = (base_url or "").strip()
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise JudgeConfigError(
-            f"The judge server URL {base_url!r} is not an http(s) URL: give the base URL of an "
-            "OpenAI-compatible API, for example http://127.0.0.1:8000/v1."
-        )
-    url = url.rstrip("/")
+    url = parse_endpoint(base_url).url.rstrip("/")
     if not url.endswith("/chat/completions"):
         url += "/chat/completions"
     return url
+
+
+def check_served_judge_settings(base_url: str, api_key_env: str = "") -> None:
+    """Raise JudgeConfigError when the URL or the key variable breaks the rules (see api_keys), without
+    contacting anything: what a node checks when a prompt is queued."""
+    endpoint = parse_endpoint(_chat_completions_url(base_url))
+    read_api_key((api_key_env or "").strip(), endpoint)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would re-send the request (with its Authorization header) to wherever the server
+    points, so none is followed: the 3xx reaches the caller as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _opener(endpoint: JudgeEndpoint) -> urllib.request.OpenerDirector:
+    # Loopback requests never go through a proxy from the environment (it would see a plain-http key);
+    # other hosts use the environment's proxies (https is tunnelled end to end).
+    proxies = urllib.request.ProxyHandler({}) if endpoint.loopback else urllib.request.ProxyHandler()
+    return urllib.request.build_opener(proxies, _RefuseRedirects())
 
 
 def _server_error_text(body: bytes) -> str:
@@ -90,10 +84,13 @@ class ServedJudge(Judge):
     """A judge behind an OpenAI-compatible chat-completions endpoint.
 
     base_url: the API base (".../v1") or the full ".../chat/completions" URL.
-    api_key_env: NAME of the environment variable holding the key ("" when the server needs none).
+    api_key_env: NAME of the environment variable holding the key ("" when the server needs none);
+    only variables the machine's owner released are read, and only sent over https or to a loopback
+    host (x2edit_core.judges.api_keys). Redirects are never followed.
     Connection errors, timeouts, 5xx and 429 are retried `max_retries` times with exponential backoff
-    (429's Retry-After is honoured up to 60 s); other 4xx raise JudgeRequestError with the server's
-    error message. Images are downscaled to `max_image_side` (longer side) before sending.
+    (429's Retry-After is honoured up to 60 s), all within `deadline` when the selection sets one;
+    other 4xx raise JudgeRequestError with the server's error message. When no attempt could connect
+    the error is a JudgeConnectionError. Images are downscaled to `max_image_side` (longer side).
     """
 
     def __init__(
@@ -109,9 +106,12 @@ class ServedJudge(Judge):
         max_tokens: int = 256,
         temperature: float = 0.0,
         prompt_template: str | None = None,
+        score_prompt_template: str | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = _chat_completions_url(base_url)
+        self.endpoint = parse_endpoint(self.url)
         self.model = (model or "").strip()
         if not self.model:
             raise JudgeConfigError(
@@ -119,8 +119,10 @@ class ServedJudge(Judge):
             )
         self.api_key_env = (api_key_env or "").strip()
         if self.api_key_env:
-            # Checked now so a wrong name fails before any sampling; the key is read again per request.
-            _api_key_from_env(self.api_key_env)
+            # Checked now so a refused or unset name fails before any sampling; the key itself is read
+            # again per request and never kept.
+            check_key_destination(self.api_key_env, self.endpoint)
+            read_api_key(self.api_key_env, self.endpoint)
         if timeout_s <= 0:
             raise JudgeConfigError(f"The judge timeout must be positive, got {timeout_s}.")
         self.timeout_s = float(timeout_s)
@@ -130,21 +132,22 @@ class ServedJudge(Judge):
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self.prompt_template = None if prompt_template is None else validate_prompt_template(prompt_template)
+        self.score_prompt_template = (
+            None if score_prompt_template is None else validate_prompt_template(score_prompt_template)
+        )
         self._sleep = sleep
+        self._clock = clock
 
     def describe(self) -> str:
         return f"served judge {self.model} at {self.url}"
 
-    def build_request_body(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> dict:
-        images = [
-            limit_image_side(image_to_pil(im), self.max_image_side)
-            for im in (candidate_1, candidate_2, original)
-        ]
+    def _request_body(self, images: list[Any], labels: tuple[str, ...], text: str) -> dict:
         content: list[dict] = []
-        for label, image in zip(IMAGE_LABELS, images):
+        for label, image in zip(labels, images):
+            picture = limit_image_side(image_to_pil(image), self.max_image_side)
             content.append({"type": "text", "text": label})
-            content.append({"type": "image_url", "image_url": {"url": png_data_url(image)}})
-        content.append({"type": "text", "text": self.prompt(instruction)})
+            content.append({"type": "image_url", "image_url": {"url": png_data_url(picture)}})
+        content.append({"type": "text", "text": text})
         return {
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
@@ -152,36 +155,86 @@ class ServedJudge(Judge):
             "temperature": self.temperature,
         }
 
-    def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
-        body = self.build_request_body(original, candidate_1, candidate_2, instruction)
+    def build_request_body(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> dict:
+        return self._request_body(
+            [candidate_1, candidate_2, original], IMAGE_LABELS, self.prompt(instruction)
+        )
+
+    def build_score_request_body(
+        self, source: Any, edited: Any, instruction: str, prompt_template: str | None = None
+    ) -> dict:
+        text = self.score_prompt(instruction, prompt_template)
+        return self._request_body([source, edited], SCORE_IMAGE_LABELS, text)
+
+    def _answer(self, body: dict) -> str:
         reply = self._post(json.dumps(body).encode("utf-8"))
         try:
-            answer = _content_text(reply["choices"][0]["message"]["content"])
+            return _content_text(reply["choices"][0]["message"]["content"])
         except (KeyError, IndexError, TypeError) as exc:
             raise JudgeUnavailableError(
                 f"The judge server at {self.url} answered without choices[0].message.content: "
                 f"{json.dumps(reply)[:500]}; check that it is an OpenAI-compatible chat-completions API."
             ) from exc
-        return verdict_from_answer(answer)
+
+    def compare(self, original: Any, candidate_1: Any, candidate_2: Any, instruction: str) -> JudgeVerdict:
+        body = self.build_request_body(original, candidate_1, candidate_2, instruction)
+        return verdict_from_answer(self._answer(body))
+
+    def score(
+        self, source: Any, edited: Any, instruction: str, *, prompt_template: str | None = None
+    ) -> EditScore:
+        body = self.build_score_request_body(source, edited, instruction, prompt_template)
+        return edit_score_from_answer(self._answer(body))
+
+    def _remaining(self) -> float | None:
+        """Seconds left before the selection's deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - self._clock()
+
+    def _deadline_error(self, attempts: int, last_problem: str) -> JudgeDeadlineError:
+        problem = f" Last problem: {last_problem}." if last_problem else ""
+        return JudgeDeadlineError(
+            f"The judging deadline ran out while waiting for the judge server at {self.url} "
+            f"({attempts} attempt(s) made).{problem} Raise the early filter's judge deadline, or check "
+            "the server."
+        )
 
     def _post(self, data: bytes) -> dict:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = _api_key_from_env(self.api_key_env)
+        key = read_api_key(self.api_key_env, self.endpoint)
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        opener = _opener(self.endpoint)
         last_problem = ""
+        connected = False
+        attempts = 0
         for attempt in range(self.max_retries + 1):
             wait = self.backoff_s * (2**attempt)
+            timeout = self.timeout_s
+            remaining = self._remaining()
+            if remaining is not None:
+                if remaining <= 0:
+                    raise self._deadline_error(attempts, last_problem)
+                timeout = min(timeout, remaining)
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            attempts += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                with opener.open(request, timeout=timeout) as response:
                     raw = response.read()
+                connected = True
                 try:
                     return json.loads(raw.decode("utf-8"))
                 except ValueError:
                     last_problem = f"a reply that is not JSON: {raw[:300]!r}"
             except urllib.error.HTTPError as exc:
+                connected = True
                 message = _server_error_text(exc.read() or b"")
+                if 300 <= exc.code < 400:
+                    location = exc.headers.get("Location", "") if exc.headers else ""
+                    raise JudgeRequestError(
+                        f"The judge server at {self.url} answered HTTP {exc.code}, a redirect to "
+                        f"{location[:300]!r}. Redirects are not followed (they would carry the request and "
+                        "its API key elsewhere): put the final address in base_url."
+                    ) from exc
                 if exc.code == 429 or exc.code >= 500:
                     last_problem = f"HTTP {exc.code}: {message}"
                     retry_after = exc.headers.get("Retry-After") if exc.headers else None
@@ -194,17 +247,23 @@ class ServedJudge(Judge):
                         "(image size, context length)."
                     ) from exc
             except TimeoutError:
-                last_problem = f"no reply within {self.timeout_s:g} s (timeout)"
+                connected = True
+                last_problem = f"no reply within {timeout:g} s (timeout)"
             except urllib.error.URLError as exc:
                 if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    last_problem = f"no reply within {self.timeout_s:g} s (timeout)"
+                    connected = True
+                    last_problem = f"no reply within {timeout:g} s (timeout)"
                 else:
                     last_problem = f"cannot connect: {exc.reason}"
             except (ConnectionError, OSError) as exc:
                 last_problem = f"connection failed: {exc}"
             if attempt < self.max_retries:
+                remaining = self._remaining()
+                if remaining is not None and remaining <= wait:
+                    raise self._deadline_error(attempts, last_problem)
                 self._sleep(wait)
-        raise JudgeUnavailableError(
-            f"The judge server at {self.url} gave no usable reply after {self.max_retries + 1} attempt(s): "
+        error_class = JudgeUnavailableError if connected else JudgeConnectionError
+        raise error_class(
+            f"The judge server at {self.url} gave no usable reply after {attempts} attempt(s): "
             f"{last_problem}. Check that the server is running and reachable, or raise the timeout."
         )

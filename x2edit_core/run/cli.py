@@ -264,6 +264,8 @@ def run(args, log) -> list[Path]:
             return []
         listener = ProgressListener(api.url, api.client_id, log, prompt)
         listening = not args.quiet and listener.start()
+        if not args.quiet and not listening:
+            log(listener.unavailable or "polling the queue for progress")
         try:
             prompt_id = api.queue(prompt)
             listener.prompt_id = prompt_id

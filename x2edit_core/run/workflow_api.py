@@ -391,7 +391,14 @@ MODEL_FOLDERS = {
     "CLIPLoader": "models/text_encoders",
     "CheckpointLoaderSimple": "models/checkpoints",
 }
-INSTRUCTION_INPUTS = (("X2EditICPrompt", "instruction"), ("X2EditTaskRouter", "instruction"))
+# Every node that reads the edit instruction: the prompt, the text encoder, the task router and the
+# early filter's judge must all see the same text.
+INSTRUCTION_INPUTS = (
+    ("X2EditICPrompt", "instruction"),
+    ("X2EditTextEncode", "instruction"),
+    ("X2EditTaskRouter", "instruction"),
+    ("X2EditEarlyFilter", "instruction"),
+)
 IMAGE_INPUTS = (("LoadImage", "image"),)
 
 
@@ -786,98 +793,74 @@ def output_images(entry: dict, prompt: dict | None = None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Progress messages over ComfyUI's websocket (stdlib only; optional: polling decides completion)
+# Progress messages over ComfyUI's websocket (websocket-client, the `run` extra; polling decides
+# completion either way)
+
+WEBSOCKET_MISSING = (
+    "progress over ComfyUI's websocket needs the websocket-client package (pip install 'x2edit[run]'); "
+    "polling the queue instead"
+)
+
+
+def websocket_url(url: str, client_id: str) -> str:
+    """ComfyUI's /ws address for ``url`` (http -> ws, https -> wss) and one client id."""
+    parsed = urllib.parse.urlsplit(url)
+    scheme = "wss" if parsed.scheme == "https" else "ws"
+    query = urllib.parse.urlencode({"clientId": client_id})
+    return urllib.parse.urlunsplit((scheme, parsed.netloc, f"{parsed.path.rstrip('/')}/ws", query, ""))
 
 
 class ProgressListener:
     """Reads ComfyUI's /ws messages for one client id in a thread and reports progress lines.
 
-    Best effort: if the socket cannot be opened, ``start`` returns False and nothing is reported.
+    Best effort: when websocket-client is not installed or the socket cannot be opened, ``start``
+    returns False, ``unavailable`` says why, and the caller polls instead.
     """
 
     def __init__(self, url: str, client_id: str, report: Callable[[str], None], prompt: dict | None = None):
         self.url, self.client_id, self.report = url, client_id, report
         self.prompt = prompt or {}
         self.prompt_id: str | None = None
-        self._sock = None
+        self.unavailable: str | None = None
+        self._ws = None
+        self._thread = None
         self._last_step = (None, -1.0)
 
     def start(self, timeout: float = 5.0) -> bool:
-        import base64
-        import os
-        import socket
         import threading
 
-        parsed = urllib.parse.urlparse(self.url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
-            sock = socket.create_connection((parsed.hostname, port), timeout=timeout)
-            if parsed.scheme == "https":
-                import ssl
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parsed.hostname)
-            key = base64.b64encode(os.urandom(16)).decode()
-            path = f"{parsed.path.rstrip('/')}/ws?clientId={self.client_id}"
-            sock.sendall(
-                (
-                    f"GET {path} HTTP/1.1\r\nHost: {parsed.hostname}:{port}\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                ).encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = sock.recv(1)
-                if not chunk:
-                    raise OSError("closed during handshake")
-                head += chunk
-            if b" 101 " not in head.split(b"\r\n", 1)[0]:
-                raise OSError("no websocket upgrade")
-            sock.settimeout(None)
-        except (OSError, ValueError):
+            import websocket  # websocket-client
+        except ImportError:
+            self.unavailable = WEBSOCKET_MISSING
             return False
-        self._sock = sock
-        threading.Thread(target=self._run, name="x2edit-run-ws", daemon=True).start()
+        try:
+            self._ws = websocket.create_connection(websocket_url(self.url, self.client_id), timeout=timeout)
+        except (OSError, ValueError, websocket.WebSocketException) as e:
+            self.unavailable = f"no progress from ComfyUI's websocket ({e}); polling the queue instead"
+            return False
+        self._ws.settimeout(None)
+        self._thread = threading.Thread(target=self._run, args=(self._ws,), name="x2edit-run-ws", daemon=True)
+        self._thread.start()
         return True
 
     def stop(self) -> None:
-        if self._sock is not None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
             try:
-                self._sock.close()
-            except OSError:
+                ws.close()
+            except Exception:  # noqa: BLE001 - closing a socket that is already gone
                 pass
-            self._sock = None
 
-    def _recv_exact(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self._sock.recv(n - len(data))
-            if not chunk:
-                raise OSError("websocket closed")
-            data += chunk
-        return data
-
-    def _run(self) -> None:
-        message = b""
+    def _run(self, ws) -> None:
         try:
-            while self._sock is not None:
-                b0, b1 = self._recv_exact(2)
-                opcode, length = b0 & 0x0F, b1 & 0x7F
-                if length == 126:
-                    length = int.from_bytes(self._recv_exact(2), "big")
-                elif length == 127:
-                    length = int.from_bytes(self._recv_exact(8), "big")
-                mask = self._recv_exact(4) if b1 & 0x80 else None
-                payload = self._recv_exact(length) if length else b""
-                if mask:
-                    payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
-                if opcode == 8:
+            while self._ws is ws:
+                message = ws.recv()
+                if not message and not ws.connected:
                     return
-                if opcode in (0, 1):
-                    message += payload
-                    if b0 & 0x80:
-                        self._handle(message)
-                        message = b""
-        except (OSError, AttributeError, ValueError):
+                if isinstance(message, str):  # binary frames are preview images
+                    self._handle(message.encode())
+        except Exception:  # noqa: BLE001 - closed or broken socket: progress simply stops
             return
 
     def _node(self, node_id) -> str:

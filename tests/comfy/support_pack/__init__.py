@@ -37,13 +37,18 @@ logger = logging.getLogger(__name__)
 
 def _flux_widths_from_shapes(state_dict, key_prefix):
     """FLUX widths read from tensor shapes; None if the keys are not those of a BFL-layout FLUX."""
+    # The RMSNorm gain is `.scale` in BFL files; newer releases name it `.weight` when converting
+    # diffusers files.
+    norm = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm."
     keys = {
         "img_in": f"{key_prefix}img_in.weight",
         "txt_in": f"{key_prefix}txt_in.weight",
-        "head": f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale",
+        "head": f"{norm}scale" if f"{norm}scale" in state_dict else f"{norm}weight",
         "mlp": f"{key_prefix}double_blocks.0.img_mlp.0.weight",
         "final": f"{key_prefix}final_layer.linear.weight",
     }
+    if keys["head"] not in state_dict:  # newer releases name the RMSNorm gain "weight" (diffusers conversion)
+        keys["head"] = f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.weight"
     if any(k not in state_dict for k in keys.values()):
         return None
     hidden = state_dict[keys["img_in"]].shape[0]
@@ -70,13 +75,18 @@ def detect_unet_config_with_tiny_flux(state_dict, key_prefix, metadata=None):
         return config
     widths = _flux_widths_from_shapes(state_dict, key_prefix)
     if widths is None or all(config.get(k) == v for k, v in widths.items()):
+        logger.info("x2edit test support: FLUX widths left as ComfyUI detected them")
         return config  # a real FLUX.1: leave ComfyUI's own answer untouched
     logger.info("x2edit test support: tiny FLUX detected, widths from tensor shapes: %s", widths)
     return {**config, **widths}
 
 
-detect_unet_config_with_tiny_flux.x2edit_test_original = _original_detect_unet_config
-comfy.model_detection.detect_unet_config = detect_unet_config_with_tiny_flux
+if os.environ.get("X2EDIT_TEST_FLUX_DETECTION_HOOK", "1") == "0":
+    # A server started this way loads every model through ComfyUI's unmodified detection.
+    logger.info("x2edit test support: FLUX detection hook off")
+else:
+    detect_unet_config_with_tiny_flux.x2edit_test_original = _original_detect_unet_config
+    comfy.model_detection.detect_unet_config = detect_unet_config_with_tiny_flux
 
 
 # --- nodes ---
@@ -269,6 +279,13 @@ NODE_DISPLAY_NAME_MAPPINGS["X2EditTestCLIP"] = "X2Edit Test CLIP"
 # --- early filter: a judge that knows the "true quality" (appended for tests/comfy/test_early_filter.py) ---
 
 
+def _x2edit_module(suffix, attribute):
+    for name, module in list(sys.modules.items()):
+        if name.endswith(suffix) and hasattr(module, attribute):
+            return module
+    raise RuntimeError(f"X2EditTestScriptedJudge: the x2edit pack's {suffix} is not loaded")
+
+
 def _x2edit_judge_module():
     # The x2edit pack is loaded by ComfyUI under its folder name; find its judge module at call time
     # so the verdict is the pack's own JudgeVerdict class whatever the load order.
@@ -308,6 +325,20 @@ class ScriptedJudge:
             choice = 1 if (q1 >= q2) == (self.prefer == "brighter") else 2
         reason = f"scripted {self.prefer}: image {choice} (size {candidate_1.size}, original {original.size})"
         return verdict_class(choice, reason, f"{choice}\n{reason}")
+
+    def score(self, source, edited, instruction, *, prompt_template=None):
+        """SC = PQ = overall = the known quality on 0-10 (brightness / 25.5; "darker": 10 minus it);
+        "first"/"second" score every edit 5; "unusable" gives an answer without scores."""
+        scoring = _x2edit_module("x2edit_core.judges.scoring", "EditScore")
+        self.calls += 1
+        if self.prefer == "unusable":
+            return scoring.EditScore(None, None, None, "", "It looks fine to me.")
+        value = 5.0
+        if self.prefer in ("brighter", "darker"):
+            value = self.quality(edited) / 25.5
+            value = value if self.prefer == "brighter" else 10.0 - value
+        reason = f"scripted {self.prefer}: {value:.3f} (size {edited.size}, source {source.size})"
+        return scoring.EditScore(value, value, value, reason, f"SC: {value}, PQ: {value}")
 
     def release(self):
         self.released += 1
@@ -369,7 +400,9 @@ class X2EditTestModelForward:
         inputs = load_file(os.path.join(folder_paths.get_input_directory(), filename))
         comfy.model_management.load_models_gpu([model])
         diffusion_model = model.model.diffusion_model
-        device, dtype = model.load_device, model.model.get_dtype()
+        # The computation dtype: weights stored as fp8 (or packed by GGUF) are cast to it per layer.
+        device = model.load_device
+        dtype = getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
         x, timestep, context, y, guidance = (
             inputs[k].to(device, dtype) for k in ("x", "timestep", "context", "y", "guidance")
         )
@@ -393,3 +426,38 @@ class X2EditTestModelForward:
 
 NODE_CLASS_MAPPINGS["X2EditTestModelForward"] = X2EditTestModelForward
 NODE_DISPLAY_NAME_MAPPINGS["X2EditTestModelForward"] = "X2Edit Test Model Forward"
+
+
+# --- fixed conditioning from a file (appended for tests/comfy/test_x2edit_condition.py) ---
+
+
+class X2EditTestLoadConditioning:
+    """CONDITIONING from `cond` [B, T, D], `pooled` [B, P] and optional `guidance` [1] tensors in a
+    safetensors file of the input directory, so tests can feed the same text to a reference model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "conditioning.safetensors"})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "load"
+    CATEGORY = "x2edit_test"
+
+    def load(self, filename):
+        tensors = load_file(os.path.join(folder_paths.get_input_directory(), filename))
+        extra = {"pooled_output": tensors["pooled"]}
+        if "guidance" in tensors:
+            extra["guidance"] = float(tensors["guidance"].item())
+        return ([[tensors["cond"], extra]],)
+
+
+NODE_CLASS_MAPPINGS["X2EditTestLoadConditioning"] = X2EditTestLoadConditioning
+NODE_DISPLAY_NAME_MAPPINGS["X2EditTestLoadConditioning"] = "X2Edit Test Load Conditioning"
+
+
+# --- X2Edit text path: tiny Qwen2.5-VL via CLIPLoader, tensor writers (tests/comfy/test_x2edit_text.py) ---
+
+from . import qwen_text_support  # noqa: E402  (installs its loader hook at import)
+
+NODE_CLASS_MAPPINGS.update(qwen_text_support.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(qwen_text_support.NODE_DISPLAY_NAME_MAPPINGS)
