@@ -1,4 +1,4 @@
-"""MoE-LoRA maths against plain references written from REFERENCE.md (loops, no shared code)."""
+"""MoE-LoRA maths against plain references written from the published descriptions (loops, no shared code)."""
 
 import pytest
 import torch
