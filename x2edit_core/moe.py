@@ -324,7 +324,9 @@ class MoELoRA(nn.Module):
         w = weights.reshape(-1)[order].unsqueeze(-1)
         counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()  # host read
         out = self._accumulator(x2, out, dtype)
-        A, B = _operand(self.lora_A, x2, dtype), _operand(self.lora_B, x2, dtype)
+        # unbind once: indexing A[e] per expert would make its backward write a full-size zero gradient
+        # for every expert
+        A, B = _operand(self.lora_A, x2, dtype).unbind(0), _operand(self.lora_B, x2, dtype).unbind(0)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
