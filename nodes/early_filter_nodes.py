@@ -559,6 +559,7 @@ class X2EditEarlyFilterAdvanced(io.ComfyNode):
             node_id="X2EditEarlyFilterAdvanced",
             display_name="X2Edit Early Filter (Advanced)",
             category="x2edit/early-filter",
+            **search_aliases("ICEdit early filter", "inference-time scaling", "custom sampler early filter"),
             description="The early filter in SamplerCustomAdvanced's style: any NOISE, GUIDER (CFG, basic, "
             "Kontext reference latents, ...), SAMPLER and SIGMAS. Candidate i uses the noise's seed + i. "
             "resume: candidates run the first m of the sigmas and the winner continues; paper: candidates "

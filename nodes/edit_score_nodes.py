@@ -15,6 +15,7 @@ from ..x2edit_core.errors import ConfigError
 from ..x2edit_core.judges import image_to_pil
 from ..x2edit_core.judges.scoring import format_score_line, score_edits
 from ..x2edit_core.selection import JUDGE_VIEWS, to_judge_image
+from . import search_aliases
 from .comfy_v3 import io, ui
 from .early_filter import _free_memory_for_judge
 from .early_filter_nodes import JudgeType
@@ -48,6 +49,7 @@ class X2EditEditScore(io.ComfyNode):
             node_id="X2EditEditScore",
             display_name="X2Edit Edit Score",
             category="x2edit/evaluation",
+            **search_aliases("VIEScore", "VLM judge score", "rank edits"),
             description="A VLM judge scores each edit against its source and the instruction, "
             "VIEScore-style: semantic consistency SC and perceptual quality PQ (0-10), overall "
             "sqrt(SC*PQ). Returns the edits sorted best first with their scores and a report.",

@@ -185,21 +185,44 @@ def _merge_lora_state(adapters_with_weights) -> dict:
     return sd
 
 
-def _transformer_options(wrapper, args, kwargs) -> dict:
-    """The transformer_options of a DIFFUSION_MODEL call: the keyword, else the positional dict that
-    registers ``wrapper`` (ComfyUI finds its wrappers there, so the call's own options hold it). Never a
-    fixed position: ComfyUI releases order the diffusion model's arguments differently."""
-    opts = kwargs.get("transformer_options")
-    if isinstance(opts, dict):
-        return opts
-    for value in args:
+def _options_place(wrapper, args, kwargs):
+    """Where a DIFFUSION_MODEL call carries its transformer_options: "kw" for the keyword, else the index
+    of the positional dict that registers ``wrapper`` (ComfyUI finds its wrappers there, so the call's own
+    options hold it); None when absent. Never a fixed position: ComfyUI releases order the diffusion
+    model's arguments differently."""
+    if isinstance(kwargs.get("transformer_options"), dict):
+        return "kw"
+    for index, value in enumerate(args):
         if isinstance(value, dict) and _registers(value, wrapper):
-            return value
-    raise RuntimeError(
-        "x2edit MoE-LoRA: the diffusion model was called without its transformer_options, so the routed "
-        "experts cannot tell which model they belong to; this ComfyUI release calls FLUX in a way the "
-        "loader does not know"
+            return index
+    return None
+
+
+def _missing_options(who: str) -> RuntimeError:
+    return RuntimeError(
+        f"{who}: the diffusion model was called without its transformer_options, so this model's patches "
+        "cannot tell their calls from another model's; this ComfyUI release calls FLUX in a way the x2edit "
+        "nodes do not know"
     )
+
+
+def transformer_options(wrapper, args, kwargs, who: str = "x2edit MoE-LoRA") -> dict:
+    """The transformer_options of the DIFFUSION_MODEL call that runs ``wrapper`` (see _options_place)."""
+    place = _options_place(wrapper, args, kwargs)
+    if place is None:
+        raise _missing_options(who)
+    return kwargs["transformer_options"] if place == "kw" else args[place]
+
+
+def with_transformer_options(wrapper, args, kwargs, options: dict, who: str) -> tuple[tuple, dict]:
+    """(args, kwargs) of the same call with ``options`` in place of its transformer_options; the caller's
+    dict is left as it was."""
+    place = _options_place(wrapper, args, kwargs)
+    if place is None:
+        raise _missing_options(who)
+    if place == "kw":
+        return args, {**kwargs, "transformer_options": options}
+    return (*args[:place], options, *args[place + 1 :]), kwargs
 
 
 def _registers(options: dict, wrapper) -> bool:
@@ -214,7 +237,7 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
     """DIFFUSION_MODEL wrapper: marks this patch set active (with its task embedding) for the call."""
 
     def wrapper(executor, *args, **kwargs):
-        opts = _transformer_options(wrapper, args, kwargs)
+        opts = transformer_options(wrapper, args, kwargs)
         task = None
         if task_table is not None:
             task_id = int(opts.get(TASK_OPTION, default_task))

@@ -39,34 +39,40 @@ from ..x2edit_core.x2edit_source import (
     OFFSET_1024,
     SOURCE_MODES,
     as_source_geometry,
+    gaussian_posterior,
     prepare_source,
     restore_source,
+    sample_posterior,
 )
 from .comfy_v3 import io
+from .patching import transformer_options, with_transformer_options
 
 log = logging.getLogger("x2edit")
 
 CONDITION_OPTION = "x2edit_condition"  # transformer_options key: this call's condition (see _wrapper)
 WRAPPER_PREFIX = "x2edit_condition_"
 SourceGeometryType = io.Custom("X2EDIT_SOURCE_GEOMETRY")
+WHO = "X2Edit Condition Stream"
 
 
 # --- the patch -------------------------------------------------------------------------------------
 
 
-def _option_args(args, kwargs, index, name):
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
-
-
-def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bool):
-    """DIFFUSION_MODEL wrapper: adds this model's condition to the call's transformer_options."""
+def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bool, signature):
+    """DIFFUSION_MODEL wrapper: adds this model's condition to the call's transformer_options.
+    ``signature``: the diffusion model's ``_forward`` signature, to find ``x`` and ``ref_latents`` by name
+    however the host passes them."""
 
     def wrapper(executor, *args, **kwargs):
-        # Flux.forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options, ...)
-        x = args[0]
-        if _option_args(args, kwargs, 5, "ref_latents") is not None:
+        options = transformer_options(wrapper, args, kwargs, WHO)
+        try:
+            call = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError as e:
+            raise RuntimeError(
+                f"{WHO}: FLUX was called with arguments its own forward does not take: {e}"
+            ) from e
+        x = call["x"]
+        if call.get("ref_latents") is not None or kwargs.get("ref_latents") is not None:
             raise ConfigError(
                 "X2Edit's condition stream replaces reference latents: remove the ReferenceLatent / Kontext "
                 "image conditioning from this X2Edit workflow."
@@ -83,12 +89,8 @@ def _condition_wrapper(latent: torch.Tensor, offset: int, reference_rounding: bo
                 f"({latent.shape[0]}); give one source image, or as many as the latent batch."
             )
         cond = latent.to(device=x.device, dtype=x.dtype).repeat(x.shape[0] // latent.shape[0], 1, 1, 1)
-        options = _option_args(args, kwargs, 7, "transformer_options") or {}
         options = {**options, CONDITION_OPTION: (cond, offset, reference_rounding)}
-        if "transformer_options" in kwargs or len(args) <= 7:
-            kwargs["transformer_options"] = options
-        else:
-            args = (*args[:7], options, *args[8:])
+        args, kwargs = with_transformer_options(wrapper, args, kwargs, options, WHO)
         return executor(*args, **kwargs)
 
     return wrapper
@@ -178,6 +180,12 @@ def _make_forward_orig(dm):
     return forward_orig
 
 
+def _call_signature(function) -> inspect.Signature:
+    """``function``'s signature without its ``self``: the arguments a DIFFUSION_MODEL wrapper receives."""
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    return inspect.Signature(parameters)
+
+
 def has_condition_stream(model) -> bool:
     wrappers = model.wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
     return any(k.startswith(WRAPPER_PREFIX) for k in wrappers)
@@ -215,7 +223,9 @@ def apply_condition_stream(model, latent: dict, offset: int = OFFSET_1024, refer
     patched.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
         key,
-        _condition_wrapper(processed, int(offset), bool(reference_rounding)),
+        _condition_wrapper(
+            processed, int(offset), bool(reference_rounding), _call_signature(type(dm)._forward)
+        ),
     )
     log.info(
         "x2edit condition stream: source %dx%d latent, batch %d, offset %d%s",
@@ -228,7 +238,108 @@ def apply_condition_stream(model, latent: dict, offset: int = OFFSET_1024, refer
     return patched
 
 
+# --- the source latent ------------------------------------------------------------------------------
+
+LATENT_MODE = "posterior mode (as VAE Encode)"
+LATENT_SAMPLE = "posterior sample (as X2Edit)"
+LATENT_CHOICES = (LATENT_MODE, LATENT_SAMPLE)
+
+
+def _posterior_regularizer(vae):
+    """The VAE's Gaussian posterior step, or a clear error for a VAE without one."""
+    import comfy.ldm.models.autoencoder as autoencoder
+
+    regularizer = getattr(getattr(vae, "first_stage_model", None), "regularization", None)
+    if not isinstance(regularizer, autoencoder.DiagonalGaussianRegularizer):
+        kind = type(getattr(vae, "first_stage_model", vae)).__name__
+        raise ConfigError(
+            f"This VAE ({kind}) has no Gaussian posterior to sample (TAESD-like VAEs encode straight to a "
+            "latent): use the posterior mode, or load FLUX.1's VAE (ae.safetensors)."
+        )
+    if regularizer.sample:
+        raise ConfigError("This VAE already samples its posterior in every encode; use the posterior mode.")
+    return regularizer
+
+
+def encode_source(vae, pixels: torch.Tensor, latent: str = LATENT_MODE, seed: int = 0) -> torch.Tensor:
+    """The source latent through ComfyUI's VAE: its posterior mode (exactly what VAE Encode gives), or
+    mean + std * noise(seed), from the moments the VAE's encoder computed in that same encode."""
+    if latent == LATENT_MODE:
+        return vae.encode(pixels[:, :, :, :3])
+    if latent != LATENT_SAMPLE:
+        raise ConfigError(f"latent must be one of {', '.join(LATENT_CHOICES)}, got {latent!r}")
+    regularizer = _posterior_regularizer(vae)
+    moments = []
+
+    def keep_moments(module, args, output):  # the encoder's output, before the mode is taken
+        moments.append(args[0].detach().to("cpu", torch.float32))
+
+    handle = regularizer.register_forward_hook(keep_moments)
+    try:
+        mode = vae.encode(pixels[:, :, :, :3])
+    finally:
+        handle.remove()
+    mean, std = gaussian_posterior(torch.cat(moments)) if moments else (None, None)
+    if mean is None or mean.shape != mode.shape:
+        raise ConfigError(
+            "The VAE did not encode this image in one piece (it fell back to tiles, out of memory), so its "
+            "posterior cannot be sampled as a whole: use a smaller source or the posterior mode."
+        )
+    if not torch.equal(mean.to(mode.dtype), mode.cpu()):
+        raise ConfigError(
+            "This VAE changes its latent after the posterior (e.g. a normalisation), so a sample of the "
+            "posterior is not one of its latents: use the posterior mode."
+        )
+    return sample_posterior(mean, std, seed).to(device=mode.device, dtype=mode.dtype)
+
+
 # --- nodes -----------------------------------------------------------------------------------------
+
+
+class X2EditEncodeSource(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="X2EditEncodeSource",
+            display_name="X2Edit Encode Source",
+            category="x2edit/source",
+            description="VAE-encodes the prepared source for X2Edit Condition Stream: the posterior mode "
+            "(what VAE Encode gives), or a seeded sample of the posterior as X2Edit's pipeline encodes its "
+            "source (mean + std * noise).",
+            inputs=[
+                io.Image.Input("pixels", tooltip="The prepared source (X2Edit Prepare Source output)."),
+                io.Vae.Input("vae", tooltip="FLUX.1's VAE."),
+                io.Combo.Input(
+                    "latent",
+                    options=list(LATENT_CHOICES),
+                    default=LATENT_MODE,
+                    tooltip="posterior mode: the mean, exactly VAE Encode's latent. posterior sample: mean + "
+                    "std * noise from the seed, as X2Edit's pipeline does (its noise comes from its own "
+                    "generator, so the draw itself differs). Needs a VAE with a Gaussian posterior (FLUX.1's "
+                    "ae.safetensors, not TAESD) that encodes the image in one piece.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="posterior sample only: the seed of the noise (float32 normal noise on the CPU, "
+                    "the same on every device).",
+                ),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="The source latent.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, latent=None):
+        if isinstance(latent, str) and latent not in LATENT_CHOICES:
+            return f"latent {latent!r} is not one of {', '.join(LATENT_CHOICES)}"
+        return True
+
+    @classmethod
+    def execute(cls, pixels, vae, latent, seed) -> io.NodeOutput:
+        return io.NodeOutput({"samples": encode_source(vae, pixels, latent, seed)})
 
 
 class X2EditPrepareSource(io.ComfyNode):
@@ -333,8 +444,9 @@ class X2EditConditionStream(io.ComfyNode):
                 ),
                 io.Latent.Input(
                     "source",
-                    tooltip="The prepared source, VAE-encoded (VAE Encode gives the posterior mode; X2Edit's "
-                    "script samples it). Sample a latent of this same size.",
+                    tooltip="The prepared source, VAE-encoded: VAE Encode (the posterior mode) or X2Edit "
+                    "Encode Source (mode, or a posterior sample as X2Edit's pipeline draws). Sample a latent "
+                    "of this same size.",
                 ),
                 io.Int.Input(
                     "offset",
@@ -359,4 +471,4 @@ class X2EditConditionStream(io.ComfyNode):
         return io.NodeOutput(apply_condition_stream(model, source, offset, reference_rounding))
 
 
-NODES = [X2EditPrepareSource, X2EditRestoreSource, X2EditConditionStream]
+NODES = [X2EditPrepareSource, X2EditEncodeSource, X2EditRestoreSource, X2EditConditionStream]

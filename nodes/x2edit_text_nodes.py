@@ -55,6 +55,16 @@ def alignnet_choices() -> list[str]:
     return names
 
 
+def _alignnet_choice_problem(alignnet: str) -> str | None:
+    """Why ``alignnet`` is not a usable choice (None when it is one of the listed files)."""
+    if alignnet != NO_ALIGNNET_FOUND and alignnet in alignnet_choices():
+        return None
+    return (
+        f"AlignNet {alignnet!r} not found in the loras folders. Put the X2Edit checkpoint folder (with "
+        f"{ALIGNNET_FILE}) in models/loras and pick its {ALIGNNET_FILE}, or place X2I's *_proj.pt there."
+    )
+
+
 def _vlm_folders() -> dict[str, str]:
     try:
         from .early_filter_nodes import _vlm_folders as folders
@@ -227,6 +237,24 @@ class X2EditTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, alignnet=None, prompt_form=None, qwen_folder=None):
+        # At queue time, before any model loads; linked inputs arrive as None. Defining this hands these
+        # inputs' checks to us (older releases never checked V3 combo values). The AlignNet file's form is
+        # checked when it is read.
+        if isinstance(alignnet, str):
+            problem = _alignnet_choice_problem(alignnet)
+            if problem:
+                return problem
+        if isinstance(prompt_form, str) and prompt_form not in PROMPT_FORMS:
+            return f"prompt_form {prompt_form!r} is not one of {', '.join(PROMPT_FORMS)}"
+        if isinstance(qwen_folder, str) and qwen_folder not in ("", USE_CLIP, *_vlm_folders()):
+            return (
+                f"Qwen folder {qwen_folder!r} is not under models/vlm or models/LLM: put the transformers "
+                "Qwen2.5-VL folder there and refresh, or use the clip input."
+            )
+        return True
+
+    @classmethod
     def execute(
         cls, instruction, alignnet, prompt_form, clip=None, qwen_folder=USE_CLIP, round_rope_bf16=False
     ) -> io.NodeOutput:
@@ -238,11 +266,9 @@ class X2EditTextEncode(io.ComfyNode):
             )
         if clip is not None and use_folder:
             raise ConfigError("X2Edit Text Encode: give either the clip input or a qwen_folder, not both.")
-        if alignnet == NO_ALIGNNET_FOUND or alignnet not in alignnet_choices():
-            raise ConfigError(
-                f"X2Edit Text Encode: AlignNet {alignnet!r} not found. Put the X2Edit checkpoint folder "
-                f"(with {ALIGNNET_FILE}) in models/loras and pick its {ALIGNNET_FILE}."
-            )
+        problem = _alignnet_choice_problem(alignnet)
+        if problem:  # a choice that skipped validate_inputs
+            raise ConfigError(f"X2Edit Text Encode: {problem}")
         net = _load_alignnet_cached(folder_paths.get_full_path_or_raise("loras", alignnet))
 
         if use_folder:

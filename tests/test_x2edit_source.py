@@ -1,5 +1,7 @@
 """X2Edit source preparation: buckets, centre crop, keep aspect, and undoing them."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,23 @@ def test_geometry_round_trips_and_rejects_bad_data():
         as_source_geometry(3)
     with pytest.raises(SourceGeometryError):
         SourceGeometry.from_dict({"mode": MODE_CROP})
+
+
+def test_posterior_mean_std_and_seeded_sample():
+    from x2edit_core.x2edit_source import gaussian_posterior, posterior_noise, sample_posterior
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 3, 4, 5, generator=g)
+    logvar = torch.randn(2, 3, 4, 5, generator=g) * 2
+    logvar[0, 0, 0, 0], logvar[0, 0, 0, 1] = 40.0, -50.0  # clamped to [-30, 20]
+    got_mean, got_std = gaussian_posterior(torch.cat([mean, logvar], 1).to(torch.bfloat16))
+    assert torch.equal(got_mean, mean.to(torch.bfloat16).float())
+    want_std = torch.exp(0.5 * logvar.to(torch.bfloat16).float().clamp(-30, 20))
+    assert torch.equal(got_std, want_std)
+    assert got_std[0, 0, 0, 0] == math.exp(10.0) and got_std[0, 0, 0, 1] == pytest.approx(math.exp(-15.0))
+    noise = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(posterior_noise((2, 3, 4, 5), 7), noise)
+    assert torch.equal(sample_posterior(got_mean, got_std, 7), got_mean + got_std * noise)
+    assert not torch.equal(sample_posterior(got_mean, got_std, 8), sample_posterior(got_mean, got_std, 7))
+    with pytest.raises(Exception, match="even channel count"):
+        gaussian_posterior(torch.zeros(1, 3, 2, 2))

@@ -3,8 +3,9 @@
 A checkpoint holds only what training changes: the adapter tensors (safetensors), the optimizer and
 scheduler states, each process's random generators, the data position and the bad-record counts,
 plus the adapter exported in our format (so any checkpoint loads in the MoE-LoRA Loader node).
-Under DeepSpeed or FSDP the optimizer is sharded, so those engines save through
-``accelerator.save_state`` into the same folder instead.
+Under DeepSpeed or FSDP the optimizer (and under FSDP the parameters) are sharded, so those engines
+also save through ``accelerator.save_state`` into the same folder; the adapter file and the export
+are always made from full tensors gathered first (:func:`gather_adapter_state`).
 
 Pickled parts are read back with ``torch.load(..., weights_only=True)`` only.
 """
@@ -75,11 +76,39 @@ def set_rng_state(state: dict, generator: torch.Generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_adapter_state(accelerator, wrapped, model, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Full CPU copies of the trained tensors ``names`` on the main process (None elsewhere).
+
+    Collective: every process must call it. DDP, one process and DeepSpeed ZeRO-1/2 keep whole
+    parameters on every process. FSDP2 keeps each parameter as a sharded DTensor: only the trained
+    ones are gathered (``full_tensor``), not the frozen base. FSDP1 (flattened parameters) and ZeRO-3
+    go through accelerate's full state dict.
+    """
+    kind = engine_kind(accelerator)
+    params = dict(model.named_parameters())
+    main = accelerator.is_main_process
+    if kind == "fsdp" and all(n in params for n in names):
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for n in names:  # the same order on every process: each full_tensor is a collective
+            p = params[n]
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            if main:
+                out[n] = full.detach().to("cpu", copy=True)
+        return out if main else None
+    zero3 = kind == "deepspeed" and accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+    if kind == "fsdp" or zero3:
+        state = accelerator.get_state_dict(wrapped)
+        return {n: state[n].detach().to("cpu", copy=True) for n in names} if main else None
+    return {n: params[n].detach().to("cpu", copy=True) for n in names} if main else None
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str,
     step: int,
-    model,
+    adapter_state: dict[str, torch.Tensor] | None,
     optimizer,
     scheduler,
     generator: torch.Generator,
@@ -87,7 +116,11 @@ def save_checkpoint(
     export,
     keep_last: int,
 ) -> str:
-    """Write checkpoint ``step`` (collective: every process must call it). Returns its folder."""
+    """Write checkpoint ``step`` (collective: every process must call it). Returns its folder.
+
+    ``adapter_state`` is :func:`gather_adapter_state`'s result (used on the main process) and
+    ``export(folder, adapter_state)`` writes the adapter in our format.
+    """
     from safetensors.torch import save_file
 
     root = checkpoint_root(output_dir)
@@ -102,12 +135,11 @@ def save_checkpoint(
     if sharded:
         accelerator.save_state(os.path.join(tmp, "engine"))
     if accelerator.is_main_process:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
-        save_file(state, os.path.join(tmp, ADAPTERS_FILE))
+        save_file({k: v.contiguous() for k, v in adapter_state.items()}, os.path.join(tmp, ADAPTERS_FILE))
         if not sharded:
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-        export(tmp)
+        export(tmp, adapter_state)
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
             json.dump({"step": step, "num_processes": accelerator.num_processes, **train_state}, fh)
     accelerator.wait_for_everyone()
@@ -143,6 +175,11 @@ def load_checkpoint(accelerator, path: str, model, optimizer, scheduler, generat
     return state
 
 
-def _sharded_engine(accelerator) -> bool:
+def engine_kind(accelerator) -> str:
+    """deepspeed, fsdp or plain (one process or DDP)."""
     kind = str(getattr(accelerator.state, "distributed_type", ""))
-    return "DEEPSPEED" in kind or "FSDP" in kind
+    return "deepspeed" if "DEEPSPEED" in kind else "fsdp" if "FSDP" in kind else "plain"
+
+
+def _sharded_engine(accelerator) -> bool:
+    return engine_kind(accelerator) != "plain"

@@ -44,12 +44,17 @@ class TrainConfig:
         "flux",
         "Text encoder: flux (CLIP-L + T5-XXL from --clip-path/--t5-path), hash (deterministic toy "
         "encoder for "
-        "tests) or cached (only precomputed embeddings from --cache-dir).",
+        "tests) or cached (none: the data is a latent cache from `x2edit-train cache`).",
         choices=("flux", "hash", "cached"),
     )
     clip_path: str = _opt("", "Folder of the CLIP text model and tokenizer (transformers layout).")
     t5_path: str = _opt("", "Folder of the T5 encoder and tokenizer (transformers layout).")
     max_text_tokens: int = _opt(512, "T5 sequence length.")
+    text_encoder_dtype: str = _opt(
+        "bfloat16",
+        "dtype of the CLIP and T5 weights on the training device.",
+        choices=("bfloat16", "float16", "float32"),
+    )
     # -- data ---------------------------------------------------------------------------------------
     data: list = _opt(
         [],
@@ -65,9 +70,16 @@ class TrainConfig:
         0.05, "Stop with an error once more than this fraction of records is bad (missing/corrupt/empty)."
     )
     default_task: int = _opt(0, "Task id for records that name none (0 = unknown).")
-    cache_dir: str = _opt("", "Folder for cached latents and text embeddings (empty = no cache).")
-    cache_latents: bool = _opt(False, "Cache VAE latents of each record in --cache-dir.")
-    cache_text: bool = _opt(False, "Cache text embeddings of each prompt in --cache-dir.")
+    num_workers: int = _opt(
+        2, "DataLoader worker processes per training process (0 = load in the training process)."
+    )
+    shuffle_buffer: int = _opt(
+        1000, "Records in each loader's shuffle buffer (batches are formed per bucket from it)."
+    )
+    cache_dir: str = _opt(
+        "", "Output folder of `x2edit-train cache` (latents + text embeddings); train from it with --data."
+    )
+    cache_shard_size: int = _opt(256, "Records per safetensors shard written by `x2edit-train cache`.")
     # -- adapters (empty / 0 = the preset's value) ------------------------------------------------
     num_experts: int = _opt(0, "Routed experts per MoE layer (icedit 4, x2edit 12).")
     rank: int = _opt(0, "Rank of each expert (icedit 32, x2edit 64).")

@@ -1,18 +1,33 @@
-"""Training data: record sources, bad-record accounting, aspect buckets, diptychs, encoders, caches.
+"""Training data: shards of records, streamed batches, bad-record accounting, diptychs and encoders.
 
-Sources (each yields :class:`EditRecord` entries; images are read lazily):
+Sources are split into shards, listed without being opened (a tar shard or a parquet row group is
+only read when a loader worker reaches it):
 
-- JSONL manifest: one object per line with ``source``, ``target`` (paths, relative to the
-  manifest's folder), ``instruction`` and optional ``task`` (id or name).
-- Paired folders: ``<root>/source/<name>.<ext>`` and ``<root>/target/<name>.<ext>`` with the
-  instruction in ``<root>/target/<name>.txt`` (or ``<root>/instructions/<name>.txt``) and an optional
-  task in ``<root>/target/<name>.task``.
-- WebDataset tar shards as X2Edit writes them: per key ``<key>.json`` (``instruction`` or
-  ``instruction_en``, ``task``), ``<key>.1.0.jpg`` (source) and ``<key>.2.jpg`` (target). Read with
-  ``tarfile``; members are located once and read by offset.
-- Parquet (pyarrow): MagicBrush columns (``source_img``, ``target_img``, ``instruction``) or
-  OmniEdit columns (``src_img``, ``edited_img``, ``edited_prompt_list``, ``task``); image cells are
-  Hugging Face image structs ``{bytes, path}`` or raw bytes.
+- JSONL manifest (one shard): one object per line with ``source``, ``target`` (paths, relative to
+  the manifest's folder), ``instruction`` and optional ``task`` (id or name).
+- Paired folder (one shard): ``<root>/source/<name>.<ext>`` and ``<root>/target/<name>.<ext>`` with
+  the instruction in ``<root>/target/<name>.txt`` (or ``<root>/instructions/<name>.txt``) and an
+  optional task in ``<root>/target/<name>.task``.
+- WebDataset tar shards as X2Edit writes them (one shard per file): per key ``<key>.json``
+  (``instruction`` or ``instruction_en``, ``task``), ``<key>.1.0.jpg`` (source) and ``<key>.2.jpg``
+  (target). Streamed member by member; images are read later by offset.
+- Parquet (one shard per row group): MagicBrush columns (``source_img``, ``target_img``,
+  ``instruction``) or OmniEdit columns (``src_img``, ``edited_img``, ``edited_prompt_list``,
+  ``task``); image cells are Hugging Face image structs ``{bytes, path}`` or raw bytes.
+- A latent cache written by ``x2edit-train cache`` (a folder with ``index.json``; one shard per
+  safetensors file): VAE latents and text embeddings, so neither encoder is needed to train.
+
+Batches (:class:`BatchPlanner`) are formed from metadata only: records pass through a shuffle
+buffer into per-bucket pools, and a pool that holds a batch's worth of records becomes a batch.
+Image sizes for aspect buckets are read from the image headers when a record enters the buffer.
+Decoding happens afterwards (:class:`EditStream`, inside DataLoader workers), so the batch order is
+a pure function of (seed, shards, process and worker counts) and a resumed run replays it without
+decoding anything. A record that fails to decode is replaced by one of the batch's spares (records
+of the same bucket still in the buffer).
+
+With at least as many shards as consumers (processes x workers) each consumer streams its own
+shards; with fewer, every consumer forms the same global batches and decodes only its share, so a
+small data set gives the same global batches whatever the number of processes.
 
 A bad record (missing or corrupt image, empty instruction, unknown task) is skipped and counted;
 :class:`BadRecordTracker` raises :class:`DataError` once the bad share passes ``max_bad_fraction``.
@@ -22,11 +37,11 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import io
 import json
 import math
 import os
+import random
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -40,6 +55,12 @@ from x2edit_core.prompt import build_ic_prompt
 from x2edit_core.tasks import UnknownTaskError, task_id
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CACHE_INDEX = "index.json"
+CACHE_FORMAT = "x2edit-latent-cache"
+# JPEG headers (with EXIF/ICC blocks) fit in this much of the file nearly always; the whole member
+# is read when they do not.
+HEADER_PREFIX = 1 << 16
+MAX_JSON_BYTES = 1 << 20
 
 
 class DataError(X2EditError, RuntimeError):
@@ -61,6 +82,16 @@ class EditRecord:
     instruction: str
     task: int = 0
     size: tuple[int, int] | None = None  # (height, width) of the source when known
+    latents: object = None  # cache records: a zero-argument callable returning the cached tensors
+    bucket: tuple[int, int] | None = None  # cache records: the panel size the latents were made at
+
+
+@dataclass
+class Skip:
+    """A record found bad while streaming metadata."""
+
+    key: str
+    why: str
 
 
 def parse_task(value, default: int = 0, num_tasks: int = 16) -> int:
@@ -93,16 +124,35 @@ def _read_bytes(obj) -> bytes:
 
 
 def load_image(obj) -> Image.Image:
+    """Read and decode one image (RGBA composited on white, as the nodes do)."""
     try:
         img = Image.open(io.BytesIO(_read_bytes(obj)))
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadRecord(f"missing or corrupt image: {e}") from e
-    if img.mode == "RGBA":  # composite on white, as the nodes do
+    if img.mode == "RGBA":
         bg = Image.new("RGB", img.size, (255, 255, 255))
         bg.paste(img, mask=img.getchannel("A"))
         return bg
     return img.convert("RGB")
+
+
+def image_size(obj) -> tuple[int, int]:
+    """(height, width) from the image header only; nothing is decoded."""
+    try:
+        if isinstance(obj, str):
+            with Image.open(obj) as img:
+                return img.height, img.width
+        if isinstance(obj, _TarMember):
+            try:
+                with Image.open(io.BytesIO(obj.prefix(HEADER_PREFIX))) as img:
+                    return img.height, img.width
+            except (OSError, ValueError):
+                pass  # the header is longer than the prefix: read the whole member
+        with Image.open(io.BytesIO(_read_bytes(obj))) as img:
+            return img.height, img.width
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord(f"missing or corrupt image: {e}") from e
 
 
 def _check(record: EditRecord) -> EditRecord:
@@ -111,9 +161,11 @@ def _check(record: EditRecord) -> EditRecord:
     return record
 
 
-def read_jsonl(path: str, default_task: int, num_tasks: int, tracker: BadRecordTracker) -> list[EditRecord]:
+# -- shard readers: each yields EditRecord or Skip, lazily -----------------------------------------
+
+
+def iter_jsonl(path: str, default_task: int, num_tasks: int):
     root = os.path.dirname(os.path.abspath(path))
-    out = []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh):
             if not line.strip():
@@ -133,10 +185,9 @@ def read_jsonl(path: str, default_task: int, num_tasks: int, tracker: BadRecordT
                     obj.get("instruction", ""),
                     parse_task(obj.get("task"), default_task, num_tasks),
                 )
-                out.append(_check(rec))
+                yield _check(rec)
             except (BadRecord, json.JSONDecodeError) as e:
-                tracker.bad(key, str(e))
-    return out
+                yield Skip(key, str(e))
 
 
 def _first_with_ext(folder: str, stem: str) -> str | None:
@@ -147,11 +198,8 @@ def _first_with_ext(folder: str, stem: str) -> str | None:
     return None
 
 
-def read_folder(root: str, default_task: int, num_tasks: int, tracker: BadRecordTracker) -> list[EditRecord]:
+def iter_folder(root: str, default_task: int, num_tasks: int):
     src_dir, tgt_dir = os.path.join(root, "source"), os.path.join(root, "target")
-    if not os.path.isdir(src_dir) or not os.path.isdir(tgt_dir):
-        raise DataError(f"{root}: a paired folder needs source/ and target/ subfolders")
-    out = []
     for name in sorted(os.listdir(src_dir)):
         stem, ext = os.path.splitext(name)
         if ext.lower() not in IMAGE_EXTS:
@@ -175,10 +223,9 @@ def read_folder(root: str, default_task: int, num_tasks: int, tracker: BadRecord
             if os.path.isfile(task_file):
                 with open(task_file, encoding="utf-8") as fh:
                     task = parse_task(fh.read().strip(), default_task, num_tasks)
-            out.append(_check(EditRecord(key, os.path.join(src_dir, name), tgt, text or "", task)))
+            yield _check(EditRecord(key, os.path.join(src_dir, name), tgt, text or "", task))
         except BadRecord as e:
-            tracker.bad(key, str(e))
-    return out
+            yield Skip(key, str(e))
 
 
 class _TarMember:
@@ -187,59 +234,77 @@ class _TarMember:
     def __init__(self, path: str, offset: int, size: int):
         self.path, self.offset, self.size = path, offset, size
 
-    def __call__(self) -> bytes:
+    def prefix(self, n: int) -> bytes:
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
-            data = fh.read(self.size)
+            return fh.read(min(n, self.size))
+
+    def __call__(self) -> bytes:
+        data = self.prefix(self.size)
         if len(data) != self.size:
             raise BadRecord(f"{self.path}: truncated member at {self.offset}")
         return data
 
 
-def read_tar(path: str, default_task: int, num_tasks: int, tracker: BadRecordTracker) -> list[EditRecord]:
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order = []
+def _tar_record(path: str, key: str, group: dict, default_task: int, num_tasks: int):
+    full = f"{os.path.basename(path)}:{key}"
     try:
-        with tarfile.open(path, "r:") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                key, _, ext = base.partition(".")
-                full_key = os.path.join(os.path.dirname(info.name), key)
-                if full_key not in groups:
-                    groups[full_key] = {}
-                    order.append(full_key)
-                groups[full_key][ext] = info
-            members = {k: {e: (i.offset_data, i.size) for e, i in g.items()} for k, g in groups.items()}
-            meta = {}
-            for k in order:
-                if "json" in groups[k]:
-                    meta[k] = tf.extractfile(groups[k]["json"]).read()
+        if "json" not in group or "1.0.jpg" not in group or "2.jpg" not in group:
+            raise BadRecord(f"{full}: needs json, 1.0.jpg and 2.jpg (has {sorted(group)})")
+        obj = json.loads(group["json"])
+        if not isinstance(obj, dict):
+            raise BadRecord(f"{full}: json is not an object")
+        text = obj.get("instruction_en") or obj.get("instruction") or ""
+        rec = EditRecord(
+            full,
+            _TarMember(path, *group["1.0.jpg"]),
+            _TarMember(path, *group["2.jpg"]),
+            text,
+            parse_task(obj.get("task"), default_task, num_tasks),
+        )
+        return _check(rec)
+    except (BadRecord, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return Skip(full, str(e))
+
+
+def iter_tar(path: str, default_task: int, num_tasks: int):
+    """Stream a WebDataset shard: a sample's members are adjacent, so a sample is complete when the
+    next key starts. Image data is skipped (seeked over), only the json is read. A damaged shard
+    counts as one bad record and ends there (the samples read before the damage are kept)."""
+    try:
+        tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{path}: not a readable tar shard ({e})") from e
-    out = []
-    for k in order:
-        key = f"{os.path.basename(path)}:{k}"
-        try:
-            m = members[k]
-            if "json" not in m or "1.0.jpg" not in m or "2.jpg" not in m:
-                raise BadRecord(f"{key}: needs json, 1.0.jpg and 2.jpg (has {sorted(m)})")
-            obj = json.loads(meta[k])
-            if not isinstance(obj, dict):
-                raise BadRecord(f"{key}: json is not an object")
-            text = obj.get("instruction_en") or obj.get("instruction") or ""
-            rec = EditRecord(
-                key,
-                _TarMember(path, *m["1.0.jpg"]),
-                _TarMember(path, *m["2.jpg"]),
-                text,
-                parse_task(obj.get("task"), default_task, num_tasks),
-            )
-            out.append(_check(rec))
-        except (BadRecord, json.JSONDecodeError, UnicodeDecodeError) as e:
-            tracker.bad(key, str(e))
-    return out
+        yield Skip(path, f"not a readable tar shard ({e})")
+        return
+    with tf:
+        key, group = None, {}
+        while True:
+            try:
+                info = tf.next()
+            except (tarfile.TarError, OSError) as e:
+                yield Skip(path, f"damaged tar shard ({e})")
+                return
+            tf.members = []  # tarfile would otherwise remember every member of the shard
+            if info is None:
+                break
+            if not info.isfile():
+                continue
+            base = os.path.basename(info.name)
+            stem, _, ext = base.partition(".")
+            full_key = os.path.join(os.path.dirname(info.name), stem)
+            if full_key != key:
+                if key is not None:
+                    yield _tar_record(path, key, group, default_task, num_tasks)
+                key, group = full_key, {}
+            if ext == "json":
+                if info.size > MAX_JSON_BYTES:
+                    group["json"] = b"[]"  # found bad by _tar_record
+                else:
+                    group["json"] = tf.extractfile(info).read()
+            else:
+                group[ext] = (info.offset_data, info.size)
+        if key is not None:
+            yield _tar_record(path, key, group, default_task, num_tasks)
 
 
 class _ParquetCell:
@@ -280,55 +345,111 @@ PARQUET_LAYOUTS = {
 }
 
 
-def read_parquet(path: str, default_task: int, num_tasks: int, tracker: BadRecordTracker) -> list[EditRecord]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
+def _parquet_layout(path: str, names: set):
     layout = next((v for v in PARQUET_LAYOUTS.values() if {v[0], v[1], v[2]} <= names), None)
     if layout is None:
         raise DataError(
             f"{path}: columns {sorted(names)} match neither MagicBrush (source_img, target_img, instruction) "
             "nor OmniEdit (src_img, edited_img, edited_prompt_list)"
         )
-    src_col, tgt_col, text_col, task_col = layout
+    return layout
+
+
+def iter_parquet(path: str, group: int, default_task: int, num_tasks: int):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    src_col, tgt_col, text_col, task_col = _parquet_layout(path, names)
     cols = [text_col] + ([task_col] if task_col and task_col in names else [])
-    out = []
-    for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=cols).to_pylist()
-        for r, row in enumerate(table):
-            key = f"{os.path.basename(path)}:{g}:{r}"
-            try:
-                text = row[text_col]
-                if isinstance(text, list):  # OmniEdit: several phrasings; the first is used
-                    text = next((t for t in text if isinstance(t, str) and t.strip()), "")
-                task = default_task
-                if task_col in row:
-                    try:
-                        task = parse_task(row[task_col], default_task, num_tasks)
-                    except BadRecord:
-                        task = default_task  # OmniEdit's own task names are not X2Edit's ids
-                rec = EditRecord(
-                    key, _ParquetCell(path, src_col, g, r), _ParquetCell(path, tgt_col, g, r), text, task
-                )
-                out.append(_check(rec))
-            except BadRecord as e:
-                tracker.bad(key, str(e))
-    return out
+    for r, row in enumerate(pf.read_row_group(group, columns=cols).to_pylist()):
+        key = f"{os.path.basename(path)}:{group}:{r}"
+        try:
+            text = row[text_col]
+            if isinstance(text, list):  # OmniEdit: several phrasings; the first is used
+                text = next((t for t in text if isinstance(t, str) and t.strip()), "")
+            task = default_task
+            if task_col in row:
+                try:
+                    task = parse_task(row[task_col], default_task, num_tasks)
+                except BadRecord:
+                    task = default_task  # OmniEdit's own task names are not X2Edit's ids
+            rec = EditRecord(
+                key, _ParquetCell(path, src_col, group, r), _ParquetCell(path, tgt_col, group, r), text, task
+            )
+            yield _check(rec)
+        except BadRecord as e:
+            yield Skip(key, str(e))
 
 
-READERS = {"jsonl": read_jsonl, "folder": read_folder, "tar": read_tar, "parquet": read_parquet}
+class _CachedTensors:
+    """Reads one record's tensors from a cache shard (picklable; opened on demand)."""
+
+    def __init__(self, path: str, index: int):
+        self.path, self.index = path, index
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(self.path, framework="pt") as f:
+                p = f"{self.index}."
+                return {k[len(p) :]: f.get_tensor(k) for k in f.keys() if k.startswith(p)}
+        except (SafetensorError, OSError) as e:
+            raise BadRecord(f"{self.path}: unreadable cache shard ({e})") from e
+
+
+def iter_cache_shard(path: str):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("records", "[]"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable cache shard ({e})") from e
+    for i, m in enumerate(meta):
+        rec = EditRecord(m["key"], None, None, m["instruction"], int(m["task"]))
+        rec.bucket = (int(m["bucket"][0]), int(m["bucket"][1]))
+        rec.latents = _CachedTensors(path, i)
+        yield rec
+
+
+@dataclass(frozen=True)
+class Shard:
+    kind: str  # jsonl, folder, tar, parquet or cache
+    path: str
+    group: int = 0  # parquet row group
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}#{self.group}" if self.kind == "parquet" else self.path
+
+    def records(self, default_task: int = 0, num_tasks: int = 16):
+        if self.kind == "jsonl":
+            return iter_jsonl(self.path, default_task, num_tasks)
+        if self.kind == "folder":
+            return iter_folder(self.path, default_task, num_tasks)
+        if self.kind == "tar":
+            return iter_tar(self.path, default_task, num_tasks)
+        if self.kind == "parquet":
+            return iter_parquet(self.path, self.group, default_task, num_tasks)
+        return iter_cache_shard(self.path)
+
+
+KINDS = ("jsonl", "folder", "tar", "parquet", "cache")
 
 
 def _expand_source(spec: str) -> list[tuple[str, str]]:
     kind, sep, rest = spec.partition(":")
-    if sep and kind in READERS and not os.path.exists(spec):
+    if sep and kind in KINDS and not os.path.exists(spec):
         paths = sorted(glob.glob(rest)) or [rest]
         return [(kind, p) for p in paths]
     paths = sorted(glob.glob(spec)) or [spec]
     out = []
     for p in paths:
-        if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, CACHE_INDEX)):
+            out.append(("cache", p))
+        elif os.path.isdir(p):
             out.append(("folder", p))
         elif p.endswith(".jsonl"):
             out.append(("jsonl", p))
@@ -339,22 +460,66 @@ def _expand_source(spec: str) -> list[tuple[str, str]]:
         else:
             raise DataError(
                 f"data source {spec!r}: cannot tell its type; "
-                "prefix it with jsonl:, folder:, tar: or parquet:"
+                "prefix it with jsonl:, folder:, tar:, parquet: or cache:"
             )
     return out
+
+
+def read_cache_index(folder: str) -> dict:
+    path = os.path.join(folder, CACHE_INDEX)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            index = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a readable cache index ({e})") from e
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: not an x2edit latent cache (format {index.get('format')!r})")
+    return index
+
+
+def list_shards(specs: list[str]) -> list[Shard]:
+    """Every shard of the sources, without reading any record (parquet: the file footer only)."""
+    shards = []
+    for spec in specs:
+        for kind, path in _expand_source(spec):
+            if not os.path.exists(path):
+                raise DataError(f"data source {path!r} does not exist")
+            if kind == "folder" and not (
+                os.path.isdir(os.path.join(path, "source")) and os.path.isdir(os.path.join(path, "target"))
+            ):
+                raise DataError(f"{path}: a paired folder needs source/ and target/ subfolders")
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(path)
+                _parquet_layout(path, set(pf.schema_arrow.names))
+                shards += [Shard("parquet", path, g) for g in range(pf.num_row_groups)]
+            elif kind == "cache":
+                index = read_cache_index(path)
+                shards += [Shard("cache", os.path.join(path, s["file"])) for s in index["shards"]]
+            else:
+                shards.append(Shard(kind, path))
+    kinds = {s.kind == "cache" for s in shards}
+    if len(kinds) > 1:
+        raise DataError("a latent cache cannot be mixed with image sources in one run")
+    if not shards:
+        raise DataError(f"no data shards in {specs}")
+    return shards
 
 
 def read_sources(
     specs: list[str], default_task: int = 0, num_tasks: int = 16, tracker: BadRecordTracker | None = None
 ) -> list[EditRecord]:
+    """Every record of small sources as a list (held-out sets, tests); training streams instead."""
     tracker = tracker or BadRecordTracker()
     records = []
-    for spec in specs:
-        for kind, path in _expand_source(spec):
-            if not os.path.exists(path):
-                raise DataError(f"data source {path!r} does not exist")
-            records += READERS[kind](path, default_task, num_tasks, tracker)
-    tracker.seen += len(records)
+    for shard in list_shards(specs):
+        for item in shard.records(default_task, num_tasks):
+            if isinstance(item, Skip):
+                tracker.bad(item.key, item.why)
+            else:
+                records.append(item)
+                tracker.seen += 1
     tracker.check()
     if not records:
         raise DataError(f"no usable records in {specs} ({tracker.count} bad)")
@@ -374,6 +539,14 @@ class BadRecordTracker:
         if len(self.examples) < 5:
             self.examples.append(f"{key}: {why}")
 
+    def add(self, stats: dict):
+        """Counts reported by a loader worker with one batch."""
+        self.seen += int(stats["seen"])
+        self.count += int(stats["bad"])
+        for e in stats["examples"]:
+            if len(self.examples) < 5:
+                self.examples.append(e)
+
     @property
     def fraction(self) -> float:
         return self.count / max(self.seen, 1)
@@ -392,7 +565,11 @@ class BadRecordTracker:
         self.seen, self.count, self.examples = int(d["seen"]), int(d["count"]), list(d["examples"])
 
 
-# -- buckets and batch plan ------------------------------------------------------------------------
+# -- buckets and batch formation -------------------------------------------------------------------
+
+
+def panel_side(resolution: int) -> int:
+    return max(PATCH, resolution // PATCH * PATCH)
 
 
 def bucket_sizes(
@@ -408,43 +585,140 @@ def bucket_sizes(
     return out
 
 
-def assign_buckets(records: list[EditRecord], resolution: int, aspect: bool) -> list[tuple[int, int]]:
-    """Panel size for each record: the square (ICEdit) or the closest aspect bucket."""
-    side = max(PATCH, resolution // PATCH * PATCH)
-    if not aspect:
-        return [(side, side)] * len(records)
-    sizes = bucket_sizes(side)
-    out = []
-    for rec in records:
-        if rec.size is None:
-            try:
-                with Image.open(io.BytesIO(_read_bytes(rec.source))) as img:
-                    rec.size = (img.height, img.width)
-            except (OSError, ValueError, BadRecord):
-                rec.size = (side, side)  # a broken image is found and counted when loaded
-        ratio = rec.size[0] / rec.size[1]
-        out.append(min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(ratio))))
-    return out
+def nearest_bucket(size: tuple[int, int], sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = size[0] / size[1]
+    return min(sizes, key=lambda s: abs(math.log(s[0] / s[1]) - math.log(ratio)))
 
 
-def epoch_plan(buckets: list[tuple[int, int]], group: int, seed: int, epoch: int) -> list[list[int]]:
-    """Global batches of one epoch: each a list of ``group`` record indices from one bucket.
+@dataclass
+class PlannedBatch:
+    index: int  # position in the planner's sequence of batches
+    bucket: tuple[int, int]  # panel size (h, w)
+    records: list[EditRecord]
+    spares: list[EditRecord]  # same-bucket records still in the buffer, for records that fail to decode
+    seen: int  # records streamed since the previous batch (bad ones included)
+    skipped: list[Skip]  # bad records found while streaming since the previous batch
+    passes: int  # complete passes over this consumer's shards before this batch
 
-    Deterministic in (seed, epoch), so a resumed run continues the same order. Incomplete groups are
-    dropped (every process needs the same batch size for the gathered contrastive loss).
+
+class BatchPlanner:
+    """Forms batches of ``group`` same-bucket records from one consumer's shards, from metadata only.
+
+    Each pass visits the shards in an order drawn from (seed, pass) and keeps those of this consumer
+    (``consumer``-th of every ``consumers``). Records go through a shuffle buffer of
+    ``shuffle_buffer`` records into per-bucket pools; a full pool is a batch. At the end of a pass
+    the buffer is emptied in random order; partial pools carry over into the next pass (or, with
+    ``flush``, become short batches). The work per batch does not depend on the data set's size.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    by_bucket: dict[tuple[int, int], list[int]] = {}
-    for i, b in enumerate(buckets):
-        by_bucket.setdefault(b, []).append(i)
-    batches = []
-    for b in sorted(by_bucket):
-        idx = by_bucket[b]
-        perm = torch.randperm(len(idx), generator=gen).tolist()
-        shuffled = [idx[p] for p in perm]
-        batches += [shuffled[i : i + group] for i in range(0, len(shuffled) - group + 1, group)]
-    order = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[o] for o in order]
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        group: int,
+        resolution: int,
+        aspect: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        consumer: int = 0,
+        consumers: int = 1,
+        spares: int = 4,
+        shuffle: bool = True,
+        passes: int | None = None,
+        flush: bool = False,
+        default_task: int = 0,
+        num_tasks: int = 16,
+    ):
+        self.shards, self.group = list(shards), group
+        self.side, self.aspect = panel_side(resolution), aspect
+        self.sizes = bucket_sizes(self.side)
+        self.seed, self.buffer_size = seed, max(1, shuffle_buffer if shuffle else 1)
+        self.consumer, self.consumers = consumer, consumers
+        self.spares, self.shuffle, self.passes, self.flush = spares, shuffle, passes, flush
+        self.default_task, self.num_tasks = default_task, num_tasks
+
+    def shard_order(self, pass_no: int) -> list[Shard]:
+        order = self.shards
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + pass_no)
+            order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=gen).tolist()]
+        return order[self.consumer :: self.consumers]
+
+    def bucket(self, rec: EditRecord) -> tuple[int, int]:
+        if rec.bucket is not None:
+            return rec.bucket
+        if not self.aspect:
+            return (self.side, self.side)
+        if rec.size is None:
+            rec.size = image_size(rec.source)
+        return nearest_bucket(rec.size, self.sizes)
+
+    def __iter__(self):
+        rng = random.Random(f"x2edit-planner:{self.seed}:{self.consumer}")
+        buffer: list[tuple[EditRecord, tuple[int, int]]] = []
+        pools: dict[tuple[int, int], list[EditRecord]] = {}
+        state = {"index": 0, "seen": 0, "skipped": [], "passes": 0}
+
+        def emit(b, recs):
+            spares = [r for r, rb in buffer if rb == b][: self.spares]
+            out = PlannedBatch(
+                state["index"], b, recs, spares, state["seen"], state["skipped"], state["passes"]
+            )
+            state.update(index=state["index"] + 1, seen=0, skipped=[])
+            return out
+
+        def add(rec, b):
+            pool = pools.setdefault(b, [])
+            pool.append(rec)
+            if len(pool) == self.group:
+                pools[b] = []
+                return emit(b, pool)
+            return None
+
+        pass_no = 0
+        while self.passes is None or pass_no < self.passes:
+            good, emitted = 0, 0
+            for shard in self.shard_order(pass_no):
+                for item in shard.records(self.default_task, self.num_tasks):
+                    state["seen"] += 1
+                    if isinstance(item, Skip):
+                        state["skipped"].append(item)
+                        continue
+                    try:
+                        b = self.bucket(item)
+                    except BadRecord as e:
+                        state["skipped"].append(Skip(item.key, str(e)))
+                        continue
+                    good += 1
+                    buffer.append((item, b))
+                    if len(buffer) >= self.buffer_size:
+                        j = rng.randrange(len(buffer))
+                        buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                        batch = add(*buffer.pop())
+                        if batch is not None:
+                            emitted += 1
+                            yield batch
+            while buffer:
+                j = rng.randrange(len(buffer))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                batch = add(*buffer.pop())
+                if batch is not None:
+                    emitted += 1
+                    yield batch
+            if good == 0:
+                names = [s.name for s in self.shard_order(pass_no)][:3]
+                raise DataError(f"no usable records in the shards {names}... ({len(state['skipped'])} bad)")
+            if self.flush:
+                for b in sorted(pools):
+                    if pools[b]:
+                        recs, pools[b] = pools[b], []
+                        yield emit(b, recs)
+            elif emitted == 0 and pass_no == 0:
+                raise DataError(
+                    f"{good} records cannot fill one batch of {self.group} within an aspect bucket; "
+                    "add data or lower --batch-size"
+                )
+            pass_no += 1
+            state["passes"] = pass_no
 
 
 # -- diptychs --------------------------------------------------------------------------------------
@@ -562,7 +836,7 @@ class FluxTextEncoder:
             .to(device)
             .eval()
         )
-        self.max_tokens, self.device = max_tokens, device
+        self.max_tokens, self.device, self.dtype = max_tokens, device, dtype
 
     @torch.no_grad()
     def encode(self, prompts: list[str]):
@@ -575,53 +849,206 @@ class FluxTextEncoder:
         return embeds.float(), pooled.float()
 
 
-# -- caches ----------------------------------------------------------------------------------------
+# -- decoding and the loader -----------------------------------------------------------------------
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha1("\x00".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+def load_panels(rec: EditRecord, size: tuple[int, int], crop: bool) -> dict[str, torch.Tensor]:
+    """Source and target panels [h, w, 3] in 0..1 of one record (decoded here)."""
+    h, w = size
+    src = fit_panel(load_image(rec.source), h, w, crop)[0]
+    tgt = fit_panel(load_image(rec.target), h, w, crop)[0]
+    return {"source": src, "target": tgt}
 
 
-class TensorCache:
-    """Small safetensors files keyed by a digest, written atomically."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        os.makedirs(folder, exist_ok=True)
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.folder, key[:2], key + ".safetensors")
-
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        p = self._path(key)
-        if not os.path.isfile(p):
-            return None
-        try:
-            return load_file(p)
-        except (SafetensorError, OSError):
-            return None  # a damaged cache entry is recomputed
-
-    def put(self, key: str, tensors: dict[str, torch.Tensor]):
-        from safetensors.torch import save_file
-
-        p = self._path(key)
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, p)
+def encode_diptychs(latent_encoder: LatentEncoder, source: torch.Tensor, target: torch.Tensor) -> dict:
+    """Latents of a batch of panels [B, h, w, 3]: x0 (the diptych), masked (source | grey) and the
+    pixel mask. Each sample is encoded on its own, so its latents do not depend on the batch it
+    came in (a latent cache and a run from images agree exactly)."""
+    full, masked, mask = training_diptych(source, target)
+    lat = [latent_encoder.encode(torch.stack([full[i], masked[i]])) for i in range(full.shape[0])]
+    return {
+        "x0": torch.stack([x[0] for x in lat]),
+        "masked": torch.stack([x[1] for x in lat]),
+        "mask": mask,
+    }
 
 
-# -- the data pipeline the trainer uses ------------------------------------------------------------
+def diptych_mask(batch: int, h: int, w: int) -> torch.Tensor:
+    """The pixel mask [B, 1, h, 2w] of a diptych of panels h x w (0 = source, 1 = edited half)."""
+    mask = torch.zeros(batch, 1, h, 2 * w)
+    mask[..., w:] = 1.0
+    return mask
+
+
+class EditStream(torch.utils.data.IterableDataset):
+    """This process's batches, endless, for a torch DataLoader (``batch_size=None``).
+
+    Consumers are the DataLoader workers of every process (``world`` x ``num_workers``; one per
+    process without workers). With at least as many shards as consumers, consumer ``rank *
+    workers + worker`` streams every ``consumers``-th shard and forms batches of ``batch_size``;
+    otherwise every consumer forms the same global batches of ``batch_size * world`` and this
+    process decodes its slice. Either way consumer slot ``c`` yields this process's batches ``c, c +
+    W, ...``, the order a DataLoader returns them in, so ``skip`` (batches already consumed by this
+    process) resumes the exact sequence: the skipped batches are formed but never decoded.
+
+    Each batch: ``source``/``target`` panels [B, h, w, 3] (or, from a latent cache, ``x0``,
+    ``masked``, ``embeds``, ``pooled``), ``prompts``, ``tasks``, ``keys`` and ``stats`` (records seen
+    and bad since the previous batch of the same consumer).
+    """
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        batch_size: int,
+        resolution: int,
+        aspect: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        skip: int = 0,
+        spares: int = 4,
+        default_task: int = 0,
+        num_tasks: int = 16,
+    ):
+        super().__init__()
+        self.shards, self.batch_size = list(shards), batch_size
+        self.resolution, self.aspect, self.seed = resolution, aspect, seed
+        self.shuffle_buffer, self.rank, self.world = shuffle_buffer, rank, world
+        self.workers = max(1, num_workers)
+        self.num_workers, self.skip, self.spares = num_workers, skip, spares
+        self.default_task, self.num_tasks = default_task, num_tasks
+        self.split = "shards" if len(self.shards) >= world * self.workers else "replicated"
+
+    def planner(self, worker: int) -> BatchPlanner:
+        kw = dict(
+            resolution=self.resolution,
+            aspect=self.aspect,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            default_task=self.default_task,
+            num_tasks=self.num_tasks,
+        )
+        if self.split == "shards":
+            return BatchPlanner(
+                self.shards,
+                self.batch_size,
+                consumer=self.rank * self.workers + worker,
+                consumers=self.world * self.workers,
+                spares=self.spares,
+                **kw,
+            )
+        return BatchPlanner(self.shards, self.batch_size * self.world, spares=self.spares * self.world, **kw)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise DataError(f"the stream was set up for {self.workers} workers, not {info.num_workers}")
+        w_count = self.workers
+        # A DataLoader takes batches from its workers in turn, starting with worker 0, and the
+        # batches of this process go round the consumer slots 0, 1, ..., W-1 from the start of
+        # training: after ``skip`` batches, loader worker 0 must play slot ``skip % W``.
+        slot = (self.skip + loader_worker) % w_count
+        done = max(0, -(-(self.skip - slot) // w_count))  # batches of this slot already consumed
+        owned = 0
+        for plan in self.planner(slot):
+            if self.split == "replicated" and plan.index % w_count != slot:
+                continue
+            owned += 1
+            if owned <= done:
+                continue
+            yield self.decode(plan)
+
+    def decode(self, plan: PlannedBatch) -> dict:
+        b, r = self.batch_size, self.rank
+        if self.split == "shards":
+            recs, spares = plan.records, plan.spares
+        else:
+            recs, spares = plan.records[r * b : (r + 1) * b], plan.spares[r :: self.world]
+        stats = {
+            "seen": plan.seen,
+            "bad": len(plan.skipped),
+            "examples": [f"{s.key}: {s.why}" for s in plan.skipped[:5]],
+        }
+        items, used, spare_iter = [], [], iter(spares)
+        for rec in recs:
+            cand = rec
+            while cand is not None:
+                try:
+                    items.append(self.load(cand, plan.bucket))
+                    used.append(cand)
+                    break
+                except BadRecord as e:
+                    stats["bad"] += 1
+                    if len(stats["examples"]) < 5:
+                        stats["examples"].append(f"{cand.key}: {e}")
+                    cand = next(spare_iter, None)
+        if not items:
+            raise DataError(
+                f"every record of a {plan.bucket} batch and its spares is bad, e.g. {stats['examples']}"
+            )
+        n = len(items)
+        for i in range(len(recs) - n):  # spares ran out: repeat good records of the batch
+            items.append(items[i % n])
+            used.append(used[i % n])
+        out = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        out.update(
+            prompts=[build_ic_prompt(rec.instruction) for rec in used],
+            tasks=torch.tensor([rec.task for rec in used], dtype=torch.long),
+            keys=[rec.key for rec in used],
+            stats=stats,
+            passes=plan.passes,
+        )
+        return out
+
+    def load(self, rec: EditRecord, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        if rec.latents is not None:
+            return rec.latents()
+        return load_panels(rec, size, self.aspect)
+
+    def first_batch(self) -> dict:
+        """This process's first batch, formed in this process (sample previews)."""
+        stream = EditStream(
+            self.shards,
+            self.batch_size,
+            self.resolution,
+            self.aspect,
+            self.seed,
+            self.shuffle_buffer,
+            self.rank,
+            self.world,
+            self.num_workers,
+            0,
+            self.spares,
+            self.default_task,
+            self.num_tasks,
+        )
+        it = iter(stream.planner(0))
+        plan = next(it)
+        return stream.decode(plan)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers decode and resize; threads would only compete for cores
+
+
+def make_loader(stream: EditStream, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=stream.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if stream.num_workers else None,
+        prefetch_factor=2 if stream.num_workers else None,
+    )
 
 
 class EditData:
-    """Records + batch plan + loading into model-ready tensors (latents and text embeddings).
+    """Model-ready batches of a small in-memory record list (held-out sets): ``load_batch(indices)``.
 
-    ``batch(indices, size, rank_slice)`` loads one process's share of a global batch; a bad record is
-    replaced by the next good record of the same bucket so every process keeps the same batch size.
+    A bad record is replaced by the next good one (resized to the batch's panel size) and counted.
     """
 
     def __init__(
@@ -632,98 +1059,60 @@ class EditData:
         latent_encoder: LatentEncoder | None,
         text_encoder,
         tracker: BadRecordTracker,
-        cache_dir: str = "",
-        cache_latents: bool = False,
-        cache_text: bool = False,
     ):
-        self.records = records
-        self.aspect = aspect_buckets
-        self.buckets = assign_buckets(records, resolution, aspect_buckets)
-        self.latent_encoder = latent_encoder
-        self.text_encoder = text_encoder
-        self.tracker = tracker
+        self.records, self.aspect = records, aspect_buckets
+        self.side, self.sizes = panel_side(resolution), bucket_sizes(panel_side(resolution))
+        self.latent_encoder, self.text_encoder, self.tracker = latent_encoder, text_encoder, tracker
         self.bad_indices: set[int] = set()
-        self.latent_cache = (
-            TensorCache(os.path.join(cache_dir, "latents")) if cache_dir and cache_latents else None
-        )
-        self.text_cache = TensorCache(os.path.join(cache_dir, "text")) if cache_dir and cache_text else None
 
     def __len__(self):
         return len(self.records)
 
-    def _latents(self, i: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def size(self, i: int) -> tuple[int, int]:
+        if not self.aspect:
+            return (self.side, self.side)
         rec = self.records[i]
-        key = _digest("latents", rec.key, size, self.aspect)
-        if self.latent_cache is not None:
-            hit = self.latent_cache.get(key)
-            if hit is not None:
-                return hit
-        if self.latent_encoder is None:
-            raise DataError("no VAE given and the latents are not cached; pass --vae")
-        h, w = size
-        src = fit_panel(load_image(rec.source), h, w, self.aspect)
-        tgt = fit_panel(load_image(rec.target), h, w, self.aspect)
-        full, masked, mask = training_diptych(src, tgt)
-        out = {
-            "x0": self.latent_encoder.encode(full)[0],
-            "masked": self.latent_encoder.encode(masked)[0],
-            "mask": mask[0],
-        }
-        if self.latent_cache is not None:
-            self.latent_cache.put(key, out)
-        return out
+        if rec.size is None:
+            try:
+                rec.size = image_size(rec.source)
+            except BadRecord:
+                return (self.side, self.side)  # found and counted when loaded
+        return nearest_bucket(rec.size, self.sizes)
 
     def text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.text_cache is None:
-            if self.text_encoder is None:
-                raise DataError("no text encoder and no text cache")
-            return self.text_encoder.encode(prompts)
-        embeds, pooled = [None] * len(prompts), [None] * len(prompts)
-        todo = []
-        for j, p in enumerate(prompts):
-            hit = self.text_cache.get(_digest("text", p))
-            if hit is None:
-                todo.append(j)
-            else:
-                embeds[j], pooled[j] = hit["embeds"], hit["pooled"]
-        if todo:
-            if self.text_encoder is None:
-                raise DataError(
-                    f"prompt {prompts[todo[0]]!r} is not in the text cache and no encoder is loaded"
-                )
-            e, p = self.text_encoder.encode([prompts[j] for j in todo])
-            for n, j in enumerate(todo):
-                embeds[j], pooled[j] = e[n], p[n]
-                self.text_cache.put(_digest("text", prompts[j]), {"embeds": e[n], "pooled": p[n]})
-        return torch.stack(embeds), torch.stack(pooled)
+        if self.text_encoder is None:
+            raise DataError("no text encoder loaded")
+        return self.text_encoder.encode(prompts)
 
     def load_batch(self, indices: list[int]) -> dict:
-        """Latents, prompts and tasks of ``indices`` (all from one bucket), bad records replaced."""
-        size = self.buckets[indices[0]]
-        same_bucket = [i for i, b in enumerate(self.buckets) if b == size]
-        items, used = [], []
+        if self.latent_encoder is None:
+            raise DataError("no VAE loaded; pass --vae")
+        size = self.size(indices[0])
+        panels, used = [], []
         for i in indices:
-            j, tries = i, 0
-            while True:
+            j = i
+            for _ in range(len(self.records)):
                 if j not in self.bad_indices:
                     try:
-                        items.append(self._latents(j, size))
+                        panels.append(load_panels(self.records[j], size, self.aspect))
                         used.append(j)
                         break
                     except BadRecord as e:
                         self.bad_indices.add(j)
                         self.tracker.bad(self.records[j].key, str(e), already_seen=True)
                         self.tracker.check()
-                tries += 1
-                if tries > len(same_bucket):
-                    raise DataError(f"every record of the {size} bucket is bad")
-                j = same_bucket[(same_bucket.index(j) + 1) % len(same_bucket)]
+                j = (j + 1) % len(self.records)
+            else:
+                raise DataError("every record is bad")
+        out = encode_diptychs(
+            self.latent_encoder,
+            torch.stack([p["source"] for p in panels]),
+            torch.stack([p["target"] for p in panels]),
+        )
         recs = [self.records[j] for j in used]
-        return {
-            "x0": torch.stack([it["x0"] for it in items]),
-            "masked": torch.stack([it["masked"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items]),
-            "prompts": [build_ic_prompt(r.instruction) for r in recs],
-            "tasks": torch.tensor([r.task for r in recs], dtype=torch.long),
-            "keys": [r.key for r in recs],
-        }
+        out.update(
+            prompts=[build_ic_prompt(r.instruction) for r in recs],
+            tasks=torch.tensor([r.task for r in recs], dtype=torch.long),
+            keys=[r.key for r in recs],
+        )
+        return out

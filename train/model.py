@@ -113,7 +113,7 @@ class AdaptedLinear(nn.Module):
             raise ConfigError(f"unknown apply mode {apply!r}")
         self.base = base
         self.moe = moe
-        self.apply = apply
+        self.apply_mode = apply  # not "apply": that would hide nn.Module.apply (DeepSpeed calls it)
         self._context = [context]  # in a list so it is not registered or saved
         self.strength = 1.0
         self.enabled = True
@@ -126,7 +126,7 @@ class AdaptedLinear(nn.Module):
         h = self.base(x)
         if not self.enabled:
             return h
-        src = x if self.apply == APPLY_INPUT else h
+        src = x if self.apply_mode == APPLY_INPUT else h
         ctx = self.context
         task = ctx.task_embedding if self.moe.config.router == "task" else None
         if ctx.record_usage and self.moe.router_weight is not None and ctx.task_ids is not None:
@@ -223,7 +223,9 @@ class EditModel(nn.Module):
     def moe_adapters(self) -> list[MoEAdapter]:
         """Every adapter except the plain-LoRA parts (forced-routing MoE sites included)."""
         plain = set(self.placement.plain_modules)
-        return [MoEAdapter(name, w.apply, w.moe) for name, w in self.adapted.items() if name not in plain]
+        return [
+            MoEAdapter(name, w.apply_mode, w.moe) for name, w in self.adapted.items() if name not in plain
+        ]
 
     def plain_loras(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """The plain-LoRA parts as {module: (A [r, in], B [out, r], alpha)}."""

@@ -11,7 +11,7 @@ import time
 import torch
 
 from x2edit_core.errors import ConfigError
-from x2edit_core.formats import save_moe_lora
+from x2edit_core.formats import MoEAdapter, save_moe_lora
 from x2edit_core.losses import (
     flow_matching_pair,
     gathered_contrastive_loss,
@@ -24,11 +24,14 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import (
     BadRecordTracker,
-    EditData,
+    EditStream,
     HashTextEncoder,
     LatentEncoder,
-    epoch_plan,
-    read_sources,
+    diptych_mask,
+    encode_diptychs,
+    list_shards,
+    make_loader,
+    read_cache_index,
 )
 from .model import (
     EditModel,
@@ -44,6 +47,7 @@ from .model import (
 from .presets import resolve_placement
 
 log = logging.getLogger("x2edit.train")
+MOE_TENSORS = ("lora_A", "lora_B", "router_weight", "shared_A", "shared_B")
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
@@ -94,7 +98,31 @@ def make_text_encoder(cfg: TrainConfig, transformer, device):
         raise ConfigError("--text-encoder flux needs --clip-path and --t5-path (local folders)")
     from .data import FluxTextEncoder
 
-    return FluxTextEncoder(cfg.clip_path, cfg.t5_path, cfg.max_text_tokens, device=device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return FluxTextEncoder(
+        cfg.clip_path, cfg.t5_path, cfg.max_text_tokens, device=device, dtype=dtype[cfg.text_encoder_dtype]
+    )
+
+
+def load_encoders(
+    cfg: TrainConfig, transformer, device, vae=None, text_encoder=None, need_vae=True, need_text=True
+):
+    """(LatentEncoder or None, text encoder or None) for images-in runs and for ``x2edit-train cache``."""
+    if vae is None and cfg.vae and need_vae:
+        latent_encoder = LatentEncoder.from_path(cfg.vae)
+    else:
+        latent_encoder = LatentEncoder(vae) if vae is not None else None
+    if latent_encoder is not None:
+        latent_encoder.vae.to(device)
+        want = fill_in_channels(latent_encoder.latent_channels, latent_encoder.vae_scale)
+        if transformer.config.in_channels != want:
+            raise ConfigError(
+                f"the transformer takes {transformer.config.in_channels} input channels but this VAE gives "
+                f"FLUX Fill inputs of {want}; use a FLUX.1 Fill transformer with its VAE"
+            )
+    if text_encoder is None and need_text:
+        text_encoder = make_text_encoder(cfg, transformer, device)
+    return latent_encoder, text_encoder
 
 
 class Trainer:
@@ -134,77 +162,134 @@ class Trainer:
         self.placement = placement
         self.model = EditModel(transformer, placement, cfg.num_tasks, seed=cfg.seed)
         self.model.to(self.device)
-        if vae is None and cfg.vae:
-            self.latent_encoder = LatentEncoder.from_path(cfg.vae)
-        else:
-            self.latent_encoder = LatentEncoder(vae) if vae is not None else None
-        if self.latent_encoder is not None:
-            self.latent_encoder.vae.to(self.device)
-            want = fill_in_channels(self.latent_encoder.latent_channels, self.latent_encoder.vae_scale)
-            if transformer.config.in_channels != want:
-                raise ConfigError(
-                    f"the transformer takes {transformer.config.in_channels} input channels but this VAE "
-                    "gives "
-                    f"FLUX Fill inputs of {want}; use a FLUX.1 Fill transformer with its VAE"
-                )
-        self.text_encoder = (
-            text_encoder if text_encoder is not None else make_text_encoder(cfg, transformer, self.device)
-        )
-        self.vae_scale = self.latent_encoder.vae_scale if self.latent_encoder else 8
-        self.tracker = BadRecordTracker(max_fraction=cfg.max_bad_fraction)
         if not cfg.data:
-            raise ConfigError("no training data: pass --data (JSONL, folders, tar shards or parquet)")
-        records = read_sources(cfg.data, cfg.default_task, cfg.num_tasks, self.tracker)
-        self.data = EditData(
-            records,
-            cfg.resolution,
-            cfg.aspect_buckets,
-            self.latent_encoder,
-            self.text_encoder,
-            self.tracker,
-            cfg.cache_dir,
-            cfg.cache_latents,
-            cfg.cache_text,
-        )
-        self.group = cfg.batch_size * acc.num_processes
-        if not epoch_plan(self.data.buckets, self.group, cfg.seed, 0):
-            raise ConfigError(
-                f"{len(records)} records cannot fill one global batch of {self.group} within a bucket; "
-                "add data or lower --batch-size"
+            raise ConfigError("no training data: pass --data (JSONL, folders, tar shards, parquet, a cache)")
+        self.shards = list_shards(cfg.data)
+        self.cache_index = None
+        if self.shards[0].kind == "cache":
+            self.cache_index = self._check_cache(cfg, transformer)
+            # From a cache the encoders are not needed; the VAE only renders sample previews.
+            self.latent_encoder, _ = load_encoders(
+                cfg, transformer, self.device, vae, need_vae=cfg.sample_every > 0, need_text=False
             )
+            self.text_encoder = None
+            from .latent_cache import load_empty_prompt
+
+            self.empty_prompt = load_empty_prompt(os.path.dirname(self.shards[0].path))
+            self.vae_scale = int(self.cache_index["vae_scale"])
+        else:
+            self.latent_encoder, self.text_encoder = load_encoders(
+                cfg, transformer, self.device, vae, text_encoder
+            )
+            if self.latent_encoder is None:
+                raise ConfigError("training from images needs --vae (or train from a latent cache)")
+            if self.text_encoder is None:
+                raise ConfigError("--text-encoder cached needs a latent cache as --data (x2edit-train cache)")
+            self.vae_scale = self.latent_encoder.vae_scale
+        if (
+            cfg.aspect_buckets
+            and cfg.contrastive_weight > 0
+            and acc.num_processes > 1
+            and self.make_stream().split == "shards"
+        ):
+            # Each process then forms its own batches, so processes may be on different buckets in a
+            # step, and the contrastive loss compares features of the whole global batch.
+            raise ConfigError(
+                "aspect buckets with the contrastive loss on several processes need every process on "
+                "the same panel size; with this many shards each process forms its own batches. Train "
+                "on square panels (--no-aspect-buckets), or with --contrastive-weight 0"
+            )
+        self.tracker = BadRecordTracker(max_fraction=cfg.max_bad_fraction)
+        self.group = cfg.batch_size * acc.num_processes
+        self.batches_done = 0  # batches this process consumed: the data position and the noise stream
+        self._loader_iter = None
         params = self.model.trainable_parameters()
+        self.adapter_names = list(self.model.adapter_state_dict())  # names before any engine wraps
         self.num_trainable = sum(p.numel() for p in params)
         self.optimizer = make_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, cfg.max_steps)
         )
+        if ckpt.engine_kind(acc) == "deepspeed":
+            # DeepSpeed sizes its engine from a prepared DataLoader; ours is built later, per resume.
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+            ds_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
         self.ddp_model, self.optimizer = acc.prepare(self.model, self.optimizer)
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
         self.step = 0
-        self.epoch, self.position = 0, 0
-        self.batches_done = 0  # global batches consumed: indexes the per-sample noise stream
-        self._plan_cache: tuple[int, list] | None = None
         self.writer = None
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.history: list[dict] = []
 
     # -- data ---------------------------------------------------------------------------------------
 
-    def _plan(self, epoch: int) -> list[list[int]]:
-        if self._plan_cache is None or self._plan_cache[0] != epoch:
-            self._plan_cache = (epoch, epoch_plan(self.data.buckets, self.group, self.cfg.seed, epoch))
-        return self._plan_cache[1]
+    def make_stream(self, skip: int = 0) -> EditStream:
+        cfg, acc = self.cfg, self.accelerator
+        return EditStream(
+            self.shards,
+            cfg.batch_size,
+            cfg.resolution,
+            cfg.aspect_buckets,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            num_workers=cfg.num_workers,
+            skip=skip,
+            default_task=cfg.default_task,
+            num_tasks=cfg.num_tasks,
+        )
 
     def next_batch(self) -> dict:
-        plan = self._plan(self.epoch)
-        if self.position >= len(plan):
-            self.epoch, self.position = self.epoch + 1, 0
-            plan = self._plan(self.epoch)
-        global_batch = plan[self.position]
-        self.position += 1
+        if self._loader_iter is None:  # started lazily, after a resume has set the position
+            loader = make_loader(self.make_stream(self.batches_done), pin_memory=self.device.type == "cuda")
+            self._loader_iter = iter(loader)
+        raw = next(self._loader_iter)
         self.batches_done += 1
-        r, b = self.accelerator.process_index, self.cfg.batch_size
-        return self.data.load_batch(global_batch[r * b : (r + 1) * b])
+        self.tracker.add(raw.pop("stats"))
+        # Early on the bad share is noisy; judge it after a full pass or a thousand records.
+        if raw.pop("passes") > 0 or self.tracker.seen >= 1000:
+            self.tracker.check()
+        return self.model_batch(raw)
+
+    def model_batch(self, raw: dict) -> dict:
+        """Latents (encoded here from panels, or read from the cache), prompts and tasks of a batch."""
+        if "x0" in raw:
+            b, _, h, w2 = raw["x0"].shape
+            raw["mask"] = diptych_mask(b, h * self.vae_scale, w2 * self.vae_scale // 2)
+            raw["x0"], raw["masked"] = raw["x0"].float(), raw["masked"].float()
+            return raw
+        out = encode_diptychs(self.latent_encoder, raw.pop("source"), raw.pop("target"))
+        raw.update({k: v.cpu() for k, v in out.items()})
+        return raw
+
+    def text(self, batch: dict, drop: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of a batch; dropped samples get the empty prompt's."""
+        if "embeds" in batch:
+            embeds, pooled = batch["embeds"].float().clone(), batch["pooled"].float().clone()
+            for j, d in enumerate(drop):
+                if d:
+                    embeds[j], pooled[j] = self.empty_prompt
+            return embeds, pooled
+        prompts = ["" if d else p for d, p in zip(drop, batch["prompts"])]
+        return self.text_encoder.encode(prompts)
+
+    def _check_cache(self, cfg: TrainConfig, transformer) -> dict:
+        indexes = [read_cache_index(f) for f in dict.fromkeys(os.path.dirname(s.path) for s in self.shards)]
+        for index in indexes:
+            if index["resolution"] != cfg.resolution or bool(index["aspect_buckets"]) != cfg.aspect_buckets:
+                raise ConfigError(
+                    f"the latent cache was made with --resolution {index['resolution']} and aspect_buckets "
+                    f"{index['aspect_buckets']}; train with the same settings (or re-run x2edit-train cache)"
+                )
+            want = fill_in_channels(int(index["latent_channels"]), int(index["vae_scale"]))
+            if transformer.config.in_channels != want:
+                raise ConfigError(
+                    f"the transformer takes {transformer.config.in_channels} input channels but the cached "
+                    f"latents give FLUX Fill inputs of {want}"
+                )
+        return indexes[0]
 
     # -- one step -----------------------------------------------------------------------------------
 
@@ -225,8 +310,7 @@ class Trainer:
             noise[j] = torch.randn(x0p.shape[1:], generator=gen)
             t[j] = logit_normal_timesteps(1, gen, mean=cfg.timestep_mean, std=cfg.timestep_std)[0]
             drop.append(bool(torch.rand(1, generator=gen)[0] < cfg.text_dropout))
-        prompts = ["" if d else p for d, p in zip(drop, batch["prompts"])]
-        embeds, pooled = self.data.text(prompts)
+        embeds, pooled = self.text(batch, drop)
         x_t, target = flow_matching_pair(x0p, noise, t)
         inp = fill_model_input(x_t, pack_latents(batch["masked"]), pack_mask(batch["mask"], self.vae_scale))
         guidance = None
@@ -273,7 +357,13 @@ class Trainer:
                 loss = flow + cfg.contrastive_weight * con
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.grad_clip > 0:
-                    acc.clip_grad_norm_(self.model.trainable_parameters(), cfg.grad_clip)
+                    # FSDP computes the global norm only when handed the wrapped model's parameters
+                    params = (
+                        self.ddp_model.parameters()
+                        if ckpt.engine_kind(acc) == "fsdp"
+                        else self.model.trainable_parameters()
+                    )
+                    acc.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             n = cfg.gradient_accumulation_steps
@@ -300,12 +390,38 @@ class Trainer:
 
     # -- saving --------------------------------------------------------------------------------------
 
-    def export(self, folder: str) -> str:
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """Full trained tensors on the main process, None elsewhere (collective)."""
+        return ckpt.gather_adapter_state(self.accelerator, self.ddp_model, self.model, self.adapter_names)
+
+    def export(self, folder: str, state: dict[str, torch.Tensor]) -> str:
+        """Write the adapter in our format from :meth:`adapter_state`'s tensors (main process)."""
+        from types import SimpleNamespace
+
         path = os.path.join(folder, self.cfg.output_name + ".safetensors")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             self.cfg.save_dtype
         ]
-        te = self.model.task_embedding.weight if self.model.task_embedding is not None else None
+
+        def moe(name: str, module):
+            p = f"transformer.{name}.moe."
+            return SimpleNamespace(
+                config=module.config,
+                forced_weights=module.forced_weights,
+                **{k: state.get(p + k) for k in MOE_TENSORS},
+            )
+
+        plain = set(self.placement.plain_modules)
+        adapters = [
+            MoEAdapter(name, w.apply_mode, moe(name, w.moe))
+            for name, w in self.model.adapted.items()
+            if name not in plain
+        ]
+        plain_loras = {}
+        for name in self.placement.plain_modules:
+            m = moe(name, self.model.adapted[name].moe)
+            plain_loras[name] = (m.lora_A[0], m.lora_B[0], m.config.alpha)
+        te = state.get("task_embedding.weight")
         meta = {
             "x2edit.preset": self.cfg.preset,
             "x2edit.train_step": str(self.step),
@@ -313,8 +429,8 @@ class Trainer:
         }
         save_moe_lora(
             path,
-            self.model.moe_adapters(),
-            plain=self.model.plain_loras(),
+            adapters,
+            plain=plain_loras,
             task_embedding=te,
             task_names=list(TASK_NAMES[: self.cfg.num_tasks]) if te is not None else None,
             extra_metadata=meta,
@@ -324,10 +440,8 @@ class Trainer:
 
     def train_state(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "position": self.position,
             "batches_done": self.batches_done,
-            "bad_indices": sorted(self.data.bad_indices),
+            "num_workers": self.cfg.num_workers,
             "tracker": self.tracker.state_dict(),
             "preset": self.cfg.preset,
         }
@@ -337,7 +451,7 @@ class Trainer:
             self.accelerator,
             self.cfg.output_dir,
             self.step,
-            self.model,
+            self.adapter_state(),
             self.optimizer,
             self.scheduler,
             self.generator,
@@ -357,10 +471,13 @@ class Trainer:
             raise ConfigError(
                 f"{path} was trained with preset {state.get('preset')!r}, not {self.cfg.preset!r}"
             )
+        if state.get("num_workers", self.cfg.num_workers) != self.cfg.num_workers:
+            raise ConfigError(
+                f"{path} was written with --num-workers {state['num_workers']}; resume with the same "
+                "number so the batches continue in the same order"
+            )
         self.step = int(state["step"])
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.batches_done = int(state["batches_done"])
-        self.data.bad_indices = set(state["bad_indices"])
         self.tracker.load_state_dict(state["tracker"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -404,13 +521,15 @@ class Trainer:
 
             self.writer = SummaryWriter(os.path.join(cfg.output_dir, "logs"))
         log.info(
-            "preset %s: %d adapted layers, %.2fM trainable parameters, %d records (%d bad), %d processes",
+            "preset %s: %d adapted layers, %.2fM trainable parameters, %d data shards (%s), %d processes "
+            "x %d loader workers",
             cfg.preset,
             len(self.model.adapted),
             self.num_trainable / 1e6,
-            len(self.data),
-            self.tracker.count,
+            len(self.shards),
+            self.make_stream().split,
             acc.num_processes,
+            cfg.num_workers,
         )
         from tqdm.auto import tqdm
 
@@ -439,7 +558,9 @@ class Trainer:
             bar.update(1)
             if cfg.sample_every > 0 and self.step % cfg.sample_every == 0 and self.latent_encoder is not None:
                 if sample_batch is None:
-                    sample_batch = self.data.load_batch(self._plan(0)[0][: cfg.batch_size])
+                    raw = self.make_stream().first_batch()
+                    raw.pop("stats"), raw.pop("passes")
+                    sample_batch = self.model_batch(raw)
                 self.sample(sample_batch)
             if (
                 cfg.checkpoint_every > 0
@@ -448,11 +569,14 @@ class Trainer:
             ):
                 self.save_checkpoint()
         bar.close()
+        self._loader_iter = None  # shuts the loader workers down
         final = None
         if self.step > start_step or not resumed:
             self.save_checkpoint()
+        self.tracker.check()
+        state = self.adapter_state()
         if acc.is_main_process:
-            final = self.export(cfg.output_dir)
+            final = self.export(cfg.output_dir, state)
             log.info("wrote %s (%d bad records skipped)", final, self.tracker.count)
             if self.writer is not None:
                 self.writer.close()
@@ -468,17 +592,22 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, batch: dict):
-        """Euler-sample the edited half for ``batch`` and save source | edit | target as a PNG."""
-        if not self.accelerator.is_main_process:
-            return
+        """Euler-sample the edited half for ``batch`` and save source | edit | target as a PNG.
+
+        Every process samples through the prepared model (under FSDP each forward gathers the
+        sharded parameters, so all processes must take part); the main process saves its grid.
+        """
         inputs = self.model_inputs(batch, first_sample=-(10**9))  # a stream apart from training's
         h, w = inputs.pop("latent_hw")
         inputs.pop("target")
-        self.model.eval()
+        self.ddp_model.eval()
         try:
-            x = euler_edit(self.model, inputs, batch["x0"].shape[1] * 4, self.cfg.sample_steps)
+            with self.accelerator.autocast():
+                x = euler_edit(self.ddp_model, inputs, batch["x0"].shape[1] * 4, self.cfg.sample_steps)
         finally:
-            self.model.train()
+            self.ddp_model.train()
+        if not self.accelerator.is_main_process:
+            return
         img = self.latent_encoder.decode(unpack_latents(x, h, w))
         ref = self.latent_encoder.decode(batch["x0"].to(x.device))
         half = img.shape[-1] // 2

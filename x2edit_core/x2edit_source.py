@@ -279,3 +279,32 @@ def restore_source(
     out = base.expand(window.shape[0], -1, -1, -1).clone().to(window.dtype)
     out[:, top : top + h, left : left + w] = window
     return out
+
+
+# --- the source latent: the VAE posterior's mode or a sample of it -----------------------------------
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the clamp FLUX's (and SD's) Gaussian VAE posterior applies
+
+
+def gaussian_posterior(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) in float32 of a diagonal Gaussian VAE posterior from its moments [B, 2C, ...]: the
+    first C channels are the mean, the last C the log-variance (clamped as the VAE does)."""
+    if moments.ndim < 2 or moments.shape[1] % 2:
+        raise ConfigError(
+            f"VAE posterior moments need an even channel count, got shape {tuple(moments.shape)}"
+        )
+    mean, logvar = moments.float().chunk(2, dim=1)
+    return mean, torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+
+
+def posterior_noise(shape, seed: int) -> torch.Tensor:
+    """Standard normal noise for a posterior sample: float32 on the CPU from ``seed`` (the same on every
+    device)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def sample_posterior(mean: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
+    """mean + std * noise(seed): a draw from the posterior, as X2Edit's pipeline encodes its source."""
+    noise = posterior_noise(mean.shape, seed)
+    return mean + std * noise.to(mean.device)

@@ -148,6 +148,12 @@ JS_SEARCH_RESULTS = """() => Array.from(document.querySelectorAll('[role=option]
     .filter((e) => e.offsetParent !== null)
     .map((e) => e.innerText.replace(/\\s+/g, ' ').trim())"""
 
+# A visible text field has the keyboard focus (the node search box focuses its own when it opens).
+JS_TEXT_FIELD_FOCUSED = """() => {
+    const e = document.activeElement;
+    return !!e && e.tagName === 'INPUT' && e.type === 'text' && e.offsetParent !== null;
+}"""
+
 JS_DECODE_IMAGE = """async (src) => {
     const img = new Image();
     img.src = src;
@@ -233,11 +239,25 @@ class ComfyPage:
             "() => { const r = window.app.canvas.canvas.getBoundingClientRect(); "
             "return [r.left, r.top, r.width, r.height]; }"
         )
-        self.page.mouse.dblclick(left + width / 2, top + height / 2)
-        self.settle(1.0)
+        # The box opens with its text field focused; on a busy machine that can take over a second, and
+        # keys typed before it opens go to the canvas. A double-click the frontend missed is repeated.
+        for _ in range(3):
+            self.page.mouse.dblclick(left + width / 2, top + height / 2)
+            if self._wait_until(JS_TEXT_FIELD_FOCUSED, timeout=5.0):
+                break
+        else:
+            raise AssertionError("the node search box did not open on a double-click on the empty canvas")
         self.page.keyboard.type(query)
         self.settle(1.5)
         return self.evaluate(JS_SEARCH_RESULTS)
+
+    def _wait_until(self, script: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.evaluate(script):
+                return True
+            self.settle(0.2)
+        return bool(self.evaluate(script))
 
     def wait_for_node_image(self, node_id, timeout: float = 30.0) -> list[dict]:
         """The images the frontend shows under a node once they have loaded ([] if none in time)."""

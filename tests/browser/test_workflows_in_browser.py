@@ -28,7 +28,13 @@ ALL_WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
 WORKFLOWS = sorted(
     os.environ.get("X2EDIT_BROWSER_WORKFLOWS", "").split(",")
     if os.environ.get("X2EDIT_BROWSER_WORKFLOWS")
-    else ("icedit_moe_early_filter", "icedit_moe_lora", "icedit_normal_lora", "x2edit_task_routed")
+    else (
+        "icedit_moe_early_filter",
+        "icedit_moe_lora",
+        "icedit_normal_lora",
+        "x2edit_edit",
+        "x2edit_task_routed",
+    )
 )
 PACK = "x2edit"  # the pack's folder name under custom_nodes (the test server links the repository so)
 HF = "https://huggingface.co/"
@@ -41,9 +47,22 @@ EXPECTED_MODELS = {
     "ae.safetensors": ("vae", "Comfy-Org/Lumina_Image_2.0_Repackaged/"),
     "ICEdit-normal-LoRA.safetensors": ("loras", "RiverZ/normal-lora/"),
     "ICEdit-MoE-LoRA.safetensors": ("loras", "sanaka87/ICEdit-MoE-LoRA/"),
+    "flux1-dev.safetensors": ("diffusion_models", "black-forest-labs/FLUX.1-dev/"),
+    "qwen_2.5_vl_7b.safetensors": ("text_encoders", "Comfy-Org/Qwen-Image_ComfyUI/"),
 }
-GATED = {"flux1-fill-dev.safetensors"}  # needs the licence accepted on the hub and a token
-MODEL_LOADERS = {"UNETLoader", "DualCLIPLoader", "VAELoader", "LoraLoaderModelOnly", "X2EditMoELoRALoader"}
+# Files inside a checkpoint folder (several files side by side), which no single link can fetch: a trained
+# task-aware folder is the user's own; X2Edit's released folder is downloaded whole (see the note).
+FOLDER_FILES = {"x2edit_task_moe/lora.safetensors", "x2edit/lora.safetensors"}
+# These need the licence accepted on the hub and a token.
+GATED = {"flux1-fill-dev.safetensors", "flux1-dev.safetensors"}
+MODEL_LOADERS = {
+    "UNETLoader",
+    "DualCLIPLoader",
+    "CLIPLoader",
+    "VAELoader",
+    "LoraLoaderModelOnly",
+    "X2EditMoELoRALoader",
+}
 
 # Node types that are ICEdit's pieces; node search for "icedit" must find them.
 ICEDIT_NODES = (
@@ -52,6 +71,7 @@ ICEDIT_NODES = (
     "X2EditCropDiptych",
     "X2EditMoELoRALoader",
     "X2EditEarlyFilter",
+    "X2EditEarlyFilterAdvanced",
 )
 
 RUN_WORKFLOWS = ("icedit_moe_lora",)
@@ -148,7 +168,7 @@ def test_widgets_fed_by_links_store_no_text(name):
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_every_model_file_carries_its_folder_and_source(name):
     """Each loader's file has ComfyUI's model metadata ({name, url, directory} in properties.models),
-    except files the user makes (a trained task-aware folder), which have no public source."""
+    except files in a checkpoint folder, which have no single-file source."""
     for node in read_workflow(name)["nodes"]:
         if node["type"] not in MODEL_LOADERS:
             continue
@@ -156,7 +176,7 @@ def test_every_model_file_carries_its_folder_and_source(name):
         entries = {m["name"]: m for m in node["properties"].get("models", [])}
         for file in files:
             if file not in EXPECTED_MODELS:
-                assert file == "x2edit_task_moe/lora.safetensors" and file not in entries
+                assert file in FOLDER_FILES and file not in entries, (name, file)
                 continue
             directory, repo = EXPECTED_MODELS[file]
             assert entries[file]["directory"] == directory, (name, file)

@@ -416,7 +416,7 @@ WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "icedit_moe_early
 def test_shipped_early_filter_workflow_runs_its_own_nodes(comfy, tmp_path):
     """The shipped workflow's own nodes, served judge included (pointed at a fake chat server on
     127.0.0.1), on tiny models. The one stand-in: X2EditTestCLIP for DualCLIPLoader, since CLIP-L + T5
-    cannot be tiny; X2Edit IC Prompt still encodes through it."""
+    cannot be tiny; X2Edit ICEdit Prompt still encodes through it."""
     from lora_files import icedit_state_dict
     from PIL import Image
 

@@ -232,8 +232,11 @@ def base_nodes(x2c, weight_dtype="default"):
     }
 
 
-def add_forward(prompt, node, model, batch, cond="cond", rounding=False, task=TASK, offset=OFFSET):
-    """Condition stream on `model` over the saved `cond` latent, then one saved forward on `batch`."""
+def add_forward(
+    prompt, node, model, batch, cond="cond", rounding=False, task=TASK, offset=OFFSET, call="module"
+):
+    """Condition stream on `model` over the saved `cond` latent, then one saved forward on `batch`
+    (`call`: how the support node calls the diffusion model's wrappers)."""
     prompt[f"{node}0"] = {
         "class_type": "X2EditTestLoadTensors",
         "inputs": {"filename": f"x2c_{cond}_{batch}.safetensors"},
@@ -254,6 +257,7 @@ def add_forward(prompt, node, model, batch, cond="cond", rounding=False, task=TA
             "filename": f"x2c_forward_{batch}.safetensors",
             "task": task,
             "filename_prefix": f"x2c/{node}",
+            "call": call,
         },
     }
 
@@ -328,6 +332,22 @@ def test_reference_rounding_switch(x2c, forwards):
     )
     assert diff <= TOLERANCE
     assert effect > 10 * TOLERANCE
+
+
+def test_wrappers_take_transformer_options_by_keyword_or_refuse_a_call_without(comfy, x2c, forwards):
+    """Samplers pass transformer_options to the wrappers by position; a release passing it by keyword
+    gives the same output, and a call without it is refused (no silent plain forward)."""
+    prompt = base_nodes(x2c)
+    add_forward(prompt, "20", ["2", 0], "b2", call="keyword")
+    got = forward_outputs(comfy, prompt, ["20"])["20"]
+    diff = max_diff(got, forwards["10"])
+    print(f"transformer_options by keyword vs by position: max abs diff {diff:.3e}")
+    assert diff == 0.0
+
+    prompt = base_nodes(x2c)
+    add_forward(prompt, "21", ["2", 0], "b2", call="no options")
+    with pytest.raises(ComfyExecutionError, match="called without its transformer_options"):
+        comfy.run(prompt)
 
 
 def flux_sigmas(steps, width, height, base_shift=0.5, max_shift=1.15):

@@ -15,6 +15,8 @@ from lora_files import alignnet_state_dict
 from qwen_text_fixtures import (
     build_tiny_qwen25vl,
     comfy_state_dict,
+    load_qwen_tokenizer,
+    qwen_tokenizer_dir,
     reference_alignnet,
     reference_hidden_states,
 )
@@ -150,3 +152,68 @@ def test_clear_errors(comfy, tiny_text):
         comfy.run(_encode_prompt("make it red", clip=False))
     with pytest.raises((ComfyExecutionError, ComfyValidationError), match="AlignNet|alignnet"):
         comfy.run(_encode_prompt("make it red", alignnet="nowhere/diffusion_pytorch_model.bin"))
+
+
+def test_alignnet_choice_is_checked_at_queue_time_and_its_form_when_read(comfy, tiny_text):
+    """A missing AlignNet (or Qwen folder) is refused when the prompt is queued (HTTP 400), before the
+    text encoder loads; a listed file that is no AlignNet fails when read, with the reason."""
+    te = comfy.add_file(
+        "text_encoders",
+        "x2edit_queue_check_qwen25vl.safetensors",
+        comfy.models_dir / "text_encoders" / TE_NAME,
+    )
+
+    def prompt(**inputs):
+        p = _encode_prompt("make it red", **inputs)
+        p["1"]["inputs"]["clip_name"] = te
+        return p
+
+    cases = {
+        "missing AlignNet": (
+            prompt(alignnet="nowhere/diffusion_pytorch_model.bin"),
+            "not found in the loras",
+        ),
+        "AlignNet outside loras": (prompt(alignnet=f"../text_encoders/{te}"), "not found in the loras"),
+        "missing Qwen folder": (prompt(qwen_folder="x2edit_no_such_qwen"), "is not under models/vlm"),
+    }
+    history = set(comfy.get("/history"))
+    offset = comfy.log_offset()
+    for case, (bad, needle) in cases.items():
+        with pytest.raises(ComfyValidationError) as refused:
+            comfy.queue(bad)
+        assert needle in str(refused.value), f"{case}: {refused.value}"
+    queue = comfy.get("/queue")
+    assert not queue["queue_running"] and not queue["queue_pending"]
+    assert set(comfy.get("/history")) == history
+    assert "CLIP/text encoder model load" not in comfy.log(offset)  # the text encoder never loaded
+
+    torch.save({"weight": torch.zeros(2, 2)}, str(comfy.loras_dir / "x2edit_not_an_alignnet_proj.pt"))
+    with pytest.raises(ComfyExecutionError, match="x2edit_not_an_alignnet_proj.pt: not an X2Edit AlignNet"):
+        comfy.run(prompt(alignnet="x2edit_not_an_alignnet_proj.pt"))
+    comfy.run(prompt())  # the same prompt with a good AlignNet loads the text encoder
+    assert "CLIP/text encoder model load" in comfy.log(offset)
+
+
+def test_transformers_folder_equals_the_clip_loader_path(comfy, tiny_text):
+    """The qwen_folder option (a transformers Qwen2.5-VL folder in models/vlm) gives the conditioning the
+    CLIPLoader path gives on the same weights and tokenizer."""
+    model, _ = tiny_text
+    tokenizer_dir = qwen_tokenizer_dir()
+    if tokenizer_dir is None:
+        pytest.fail("no ComfyUI Qwen2.5 tokenizer folder found (the server's own release should have it)")
+    name = "x2edit_tiny_qwen25vl_folder"
+    folder = comfy.models_dir / "vlm" / name
+    model.save_pretrained(str(folder))
+    load_qwen_tokenizer(tokenizer_dir).save_pretrained(str(folder))
+    for index in (0, 1):
+        by_clip = _tensors(comfy, comfy.run(_encode_prompt(INSTRUCTIONS[index])), "3")
+        entry = comfy.run(_encode_prompt(INSTRUCTIONS[index], clip=False, qwen_folder=name), timeout=300)
+        by_folder = _tensors(comfy, entry, "3")
+        assert f"transformers folder {name}" in "".join(entry["outputs"]["4"]["text"])
+        d_cond = (by_folder["cond"] - by_clip["cond"]).abs().max().item()
+        d_pooled = (by_folder["pooled_output"] - by_clip["pooled_output"]).abs().max().item()
+        print(
+            f"instruction {index}: transformers folder vs CLIPLoader path: cond {d_cond:.3g}, pooled "
+            f"{d_pooled:.3g} (max |cond| {by_clip['cond'].abs().max().item():.3g})"
+        )
+        assert d_cond <= 1e-4 and d_pooled <= 1e-4

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", help="Workflow JSON: ComfyUI's saved (UI) format or an API-format prompt.")
     p.add_argument("--image", help="Input image; uploaded to ComfyUI and set on every LoadImage node.")
     p.add_argument(
-        "--instruction", help="Edit instruction; set on the X2Edit IC Prompt and Task Router nodes."
+        "--instruction",
+        help="Edit instruction; set on every node that reads it (X2Edit ICEdit Prompt, Text Encode, Task "
+        "Router, Early Filter).",
     )
     p.add_argument("--seed", type=int, help="Seed for every sampler seed input (default: the workflow's).")
     p.add_argument(

@@ -375,6 +375,9 @@ class X2EditTestModelForward:
     The inputs file (input directory) holds `x` [B, C, H, W], `timestep` [B] in [0, 1], `context`
     [B, T, D], `y` [B, P] and `guidance` [B]. The call gets the patched model's transformer_options and
     wrappers plus the task id, as sampling would, so wrappers and task-aware adapters take part.
+    `call`: "module" calls the diffusion model as samplers do (its wrappers then get transformer_options
+    by position); "keyword" runs the same wrappers with transformer_options passed by keyword, as another
+    release could; "no options" runs them without transformer_options at all.
     """
 
     @classmethod
@@ -385,7 +388,8 @@ class X2EditTestModelForward:
                 "filename": ("STRING", {"default": "forward_inputs.safetensors"}),
                 "task": ("INT", {"default": 0, "min": 0, "max": 255}),
                 "filename_prefix": ("STRING", {"default": "tensors/x2edit_forward"}),
-            }
+            },
+            "optional": {"call": (["module", "keyword", "no options"], {"default": "module"})},
         }
 
     RETURN_TYPES = ()
@@ -393,7 +397,7 @@ class X2EditTestModelForward:
     OUTPUT_NODE = True
     CATEGORY = "x2edit_test"
 
-    def forward(self, model, filename, task, filename_prefix):
+    def forward(self, model, filename, task, filename_prefix, call="module"):
         import comfy.model_management
         import comfy.patcher_extension
 
@@ -414,7 +418,20 @@ class X2EditTestModelForward:
         )
         options["x2edit_task"] = int(task)
         with torch.no_grad():
-            out = diffusion_model(x, timestep, context, y=y, guidance=guidance, transformer_options=options)
+            if call == "module":
+                out = diffusion_model(
+                    x, timestep, context, y=y, guidance=guidance, transformer_options=options
+                )
+            else:
+                executor = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+                    diffusion_model._forward,
+                    diffusion_model,
+                    comfy.patcher_extension.get_all_wrappers(
+                        comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, options
+                    ),
+                )
+                extra = {"transformer_options": options} if call == "keyword" else {}
+                out = executor.execute(x, timestep, context, y=y, guidance=guidance, **extra)
         output_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         out_name = f"{name}_{counter:05}_.safetensors"
