@@ -427,17 +427,22 @@ def _run(args, work: str, seed: int) -> list[dict]:
             enc,
             tracker,
         )
-        probe_idx = _probe_indices(trainer, args.train_per_task, args.probe_per_task)
+        train_records = read_sources([train_manifest], tracker=tracker)
+        probe_idx = _probe_indices(args.train_per_task, args.probe_per_task)
+        probe_data = EditData(
+            [train_records[i] for i in probe_idx], args.size, False, trainer.latent_encoder, enc, tracker
+        )
+        probe_idx = list(range(len(probe_idx)))
         trainer.cfg.text_dropout, dropout = 0.0, trainer.cfg.text_dropout  # no dropout while evaluating
         before = evaluate(trainer, held, args.batch, args.sample_steps)
-        probe_before = probe_contrastive(trainer, trainer.data, probe_idx, args.batch)
+        probe_before = probe_contrastive(trainer, probe_data, probe_idx, args.batch)
         trainer.cfg.text_dropout = dropout
         t0 = time.time()
         result = trainer.run()
         seconds = time.time() - t0
         trainer.cfg.text_dropout = 0.0
         after = evaluate(trainer, held, args.batch, args.sample_steps)
-        probe_after = probe_contrastive(trainer, trainer.data, probe_idx, args.batch)
+        probe_after = probe_contrastive(trainer, probe_data, probe_idx, args.batch)
         if name == "x2edit":
             x2edit_params = trainer.num_trainable
         hist = result["history"]
@@ -464,7 +469,7 @@ def _run(args, work: str, seed: int) -> list[dict]:
     return rows
 
 
-def _probe_indices(trainer: Trainer, per_task_total: int, per_task: int) -> list[int]:
+def _probe_indices(per_task_total: int, per_task: int) -> list[int]:
     """The first ``per_task`` training records of each task (write_split writes tasks in blocks)."""
     n = min(per_task, per_task_total)
     return [t * per_task_total + i for t in range(len(TASKS)) for i in range(n)]
