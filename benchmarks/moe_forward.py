@@ -1,6 +1,12 @@
-"""MoE-LoRA forward cost at real FLUX widths, as ratios to the unpatched layer, measured in one run (CPU).
+"""MoE-LoRA forward cost at real FLUX widths, as ratios to the unpatched layer, measured in one run.
 
-    python benchmarks/moe_forward.py [--tokens 2048] [--text-tokens 512] [--repeats 5] [--skip-memory]
+    python benchmarks/moe_forward.py [--tokens 2048] [--repeats 5] [--skip-memory]          # CPU fp32
+    python benchmarks/moe_forward.py --device cuda --dtype bfloat16 --tokens 8192 --skip-memory
+
+"ours" is the default path for the device: sparse dispatch on CPU, the grouped (host-read free)
+dispatch elsewhere; the other path is printed beside it. On CUDA every "ours" case first runs once
+under ``torch.cuda.set_sync_debug_mode("error")``, so a device-to-host sync in the routed layers
+stops the benchmark.
 
 Cases (with the cost targets the project set for each):
   ICEdit MoE (4 experts, rank 32, top-1) on img_mlp.2 (12288 -> 3072) and linear2 (15360 -> 3072):
@@ -31,6 +37,14 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from x2edit_core.moe import MoEConfig, MoELoRA  # noqa: E402
 
 HIDDEN = 3072
+TARGETS_MISSED = 3  # exit status when a ratio misses its target (errors exit 1)
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fns: dict, repeats: int) -> dict:
@@ -41,10 +55,34 @@ def timed(fns: dict, repeats: int) -> dict:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            _sync()
             t = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - t)
     return {k: min(v) for k, v in times.items()}
+
+
+def check_no_sync(fn, what: str):
+    """Run ``fn`` once with CUDA's sync debug mode set to error (a no-op off CUDA)."""
+    if DEVICE.type != "cuda":
+        return
+    _sync()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"  {what}: no device-to-host sync (sync debug mode 'error')")
+
+
+def randn(*shape):
+    return torch.randn(*shape).to(DEVICE, DTYPE)
+
+
+def close(a, b):
+    tol = 1e-4 if DTYPE == torch.float32 else 6e-2
+    torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
 
 
 def random_moe(n_in, n_out, cfg, seed):
@@ -55,7 +93,11 @@ def random_moe(n_in, n_out, cfg, seed):
         if moe.shared_B is not None:
             moe.shared_B.normal_(0, 0.02)
     moe.requires_grad_(False)
-    return moe
+    return moe.to(DEVICE, DTYPE)
+
+
+def other_dispatch() -> str:
+    return "grouped" if DEVICE.type == "cpu" else "sparse"
 
 
 def dense_delta(moe: MoELoRA, x2, weights_full):
@@ -77,7 +119,7 @@ def x2edit_reference_delta(moe: MoELoRA, x, task):
     order = flat.argsort()
     ends = flat.bincount().cumsum(0).tolist()
     tok = order // moe.config.top_k
-    cache = torch.zeros(x2.shape[0], moe.out_features)
+    cache = x2.new_zeros(x2.shape[0], moe.out_features)
     start = 0
     for e, end in enumerate(ends):
         if end > start:
@@ -99,41 +141,45 @@ def bench_icedit(tokens, repeats):
 
 def _bench_icedit_layer(name, n_in, n_tok, repeats):
     torch.manual_seed(0)
-    weight = torch.randn(HIDDEN, n_in) * 0.01
-    bias = torch.zeros(HIDDEN)
-    x = torch.randn(1, n_tok, n_in)
+    weight = randn(HIDDEN, n_in) * 0.01
+    bias = torch.zeros(HIDDEN, device=DEVICE, dtype=DTYPE)
+    x = randn(1, n_tok, n_in)
     moe = random_moe(n_in, HIDDEN, MoEConfig(num_experts=4, rank=32, alpha=32.0, top_k=1), 1)
     forced = moe.converted(forced_weights=[0.25] * 4)
-    merged_weight = weight + forced.merged_delta_weight()
+    merged_weight = weight + forced.merged_delta_weight().to(DTYPE)
     x2 = x.view(-1, n_in)
+    other = other_dispatch()
 
     def dense():
         w, idx = moe.route(x)
-        full = torch.zeros(x2.shape[0], 4).scatter_(1, idx.view(-1, 1), w.view(-1, 1))
+        full = x2.new_zeros(x2.shape[0], 4).scatter_(1, idx.view(-1, 1), w.view(-1, 1))
         return F.linear(x, weight, bias) + dense_delta(moe, x2, full).view(1, n_tok, -1)
 
     with torch.no_grad():
         ours = moe(x, out=F.linear(x, weight, bias))
-        torch.testing.assert_close(ours, dense(), rtol=1e-4, atol=1e-4)
+        close(ours, dense())
+        close(ours, moe(x, out=F.linear(x, weight, bias), dispatch=other))
+        check_no_sync(lambda: moe(x, out=F.linear(x, weight, bias)), f"ICEdit {name}")
         t = timed(
             {
                 "base": lambda: F.linear(x, weight, bias),
                 "ours": lambda: moe(x, out=F.linear(x, weight, bias)),
+                other: lambda: moe(x, out=F.linear(x, weight, bias), dispatch=other),
                 "dense": dense,
                 "forced": lambda: F.linear(x, merged_weight, bias),
             },
             repeats,
         )
-    cases = [("ours", 1.05), ("dense", None), ("forced", 1.02)]
+    cases = [("ours", 1.05), (other, None), ("dense", None), ("forced", 1.02)]
     return (f"ICEdit top-1 on {name} ({n_tok} tok)", t, cases)
 
 
 def bench_x2edit(tokens, repeats):
     torch.manual_seed(0)
-    weight = torch.randn(3 * HIDDEN, HIDDEN) * 0.01
-    bias = torch.zeros(3 * HIDDEN)
-    x = torch.randn(1, tokens, HIDDEN)
-    task = torch.randn(HIDDEN)
+    weight = randn(3 * HIDDEN, HIDDEN) * 0.01
+    bias = torch.zeros(3 * HIDDEN, device=DEVICE, dtype=DTYPE)
+    x = randn(1, tokens, HIDDEN)
+    task = randn(HIDDEN)
     cfg = MoEConfig(
         num_experts=12, rank=64, alpha=64.0, router="task", top_k=2, shared_expert=True, task_dim=HIDDEN
     )
@@ -141,10 +187,12 @@ def bench_x2edit(tokens, repeats):
     rows_ = [slice(i * HIDDEN, (i + 1) * HIDDEN) for i in range(3)]
     x2 = x.view(-1, HIDDEN)
 
-    def ours():  # as nodes/patching.py runs it on the fused rows of the base output
+    other = other_dispatch()
+
+    def ours(dispatch=None):  # as nodes/patching.py runs it on the fused rows of the base output
         out = F.linear(x, weight, bias)
         for rows, moe in zip(rows_, moes):
-            out[..., rows] += moe(x, task)
+            out[..., rows] += moe(x, task, dispatch=dispatch)
         return out
 
     def theirs():
@@ -157,22 +205,25 @@ def bench_x2edit(tokens, repeats):
         out = F.linear(x, weight, bias)
         for rows, moe in zip(rows_, moes):
             w, idx = moe.route(x, task)
-            full = torch.zeros(x2.shape[0], 12).scatter_(1, idx.view(-1, 2), w.view(-1, 2))
+            full = x2.new_zeros(x2.shape[0], 12).scatter_(1, idx.view(-1, 2), w.view(-1, 2))
             shared = F.linear(F.linear(x2, moe.shared_A), moe.shared_B) * moe.config.scale
             out[..., rows] += (dense_delta(moe, x2, full) + shared).view(1, tokens, -1)
         return out
 
     merged = weight.clone()
     for rows, moe in zip(rows_, moes):
-        merged[rows] += moe.converted(forced_weights=[1 / 12] * 12).merged_delta_weight()
+        merged[rows] += moe.converted(forced_weights=[1 / 12] * 12).merged_delta_weight().to(DTYPE)
 
     with torch.no_grad():
-        torch.testing.assert_close(ours(), theirs(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours(), dense(), rtol=1e-4, atol=1e-4)
+        close(ours(), theirs())
+        close(ours(), dense())
+        close(ours(), ours(other))
+        check_no_sync(ours, "X2Edit q,k,v")
         t = timed(
             {
                 "base": lambda: F.linear(x, weight, bias),
                 "ours": ours,
+                other: lambda: ours(other),
                 "x2edit": theirs,
                 "dense": dense,
                 "forced": lambda: F.linear(x, merged, bias),
@@ -183,7 +234,7 @@ def bench_x2edit(tokens, repeats):
         (
             f"X2Edit top-2+shared q,k,v on qkv ({tokens} tok)",
             t,
-            [("ours", 1.20), ("x2edit", None), ("dense", None), ("forced", 1.02)],
+            [("ours", 1.20), (other, None), ("x2edit", None), ("dense", None), ("forced", 1.02)],
         )
     ]
 
@@ -222,10 +273,17 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype} on {where}\n")
     failed = []
     rows = bench_icedit(args.tokens, args.repeats) + bench_x2edit(args.tokens, args.repeats)
     for title, t, cases in rows:
@@ -253,7 +311,7 @@ def main(argv=None):
             f"(target <= 1.20x: {'ok' if ok else 'MISSED'})"
         )
     print("\nall targets met" if not failed else f"\nMISSED: {', '.join(failed)}")
-    return 1 if failed else 0
+    return TARGETS_MISSED if failed else 0
 
 
 if __name__ == "__main__":

@@ -246,6 +246,9 @@ def _context_wrapper(key: str, task_table: torch.Tensor | None, default_task: in
                     f"task id {task_id} is out of range for {task_table.shape[0]} task embeddings"
                 )
             task = task_table[task_id]
+            x = args[0] if args else kwargs.get("x")
+            if isinstance(x, torch.Tensor):  # one copy per model call, not one per adapted layer
+                task = task.to(x.device)
         forced = opts.get(FORCED_OPTION) or None
         token = _ACTIVE.set({**(_ACTIVE.get() or {}), key: (task, forced)})
         try:

@@ -1,4 +1,4 @@
-"""MoE-LoRA maths against plain references written from REFERENCE.md (loops, no shared code)."""
+"""MoE-LoRA maths against plain references written from the published descriptions (loops, no shared code)."""
 
 import pytest
 import torch
@@ -175,3 +175,90 @@ def test_converted_copy_leaves_the_original_untouched():
     x = torch.randn(4, 24, dtype=torch.float64)
     want = x @ moe.lora_A[1].T @ moe.lora_B[1].T + x @ moe.shared_A.T @ moe.shared_B.T
     torch.testing.assert_close(copy(x.float()).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def _grouped_vs_sparse_cases():
+    yield "token-top1", MoEConfig(num_experts=4, rank=3, alpha=6.0, router="token", top_k=1), 0
+    yield "token-top2", MoEConfig(num_experts=5, rank=2, alpha=2.0, router="token", top_k=2), 0
+    yield (
+        "task-top2-shared",
+        MoEConfig(num_experts=6, rank=2, alpha=2.0, router="task", top_k=2, shared_expert=True, task_dim=5),
+        5,
+    )
+    yield "one-expert", MoEConfig(num_experts=1, rank=2, alpha=2.0, router="token", top_k=1), 0
+
+
+@pytest.mark.parametrize("name,cfg,task_dim", list(_grouped_vs_sparse_cases()))
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_grouped_dispatch_equals_sparse(name, cfg, task_dim, tokens):
+    """The sync-free path (the default off CPU), forced on CPU, against the sparse one: values and
+    gradients, also accumulating into a row slice."""
+    moe = _random_moe(cfg)
+    x = torch.randn(2, tokens, 24, dtype=torch.float64, requires_grad=True)
+    task = torch.randn(2, task_dim, dtype=torch.float64) if task_dim else None
+    grads = {}
+    for dispatch in ("sparse", "grouped"):
+        moe.zero_grad()
+        x.grad = None
+        y = moe(x, task, 0.7, dispatch=dispatch)
+        (y * torch.linspace(-1, 1, 20, dtype=torch.float64)).sum().backward()
+        grads[dispatch] = (y.detach(), x.grad.clone(), moe.lora_A.grad.clone(), moe.lora_B.grad.clone())
+    for a, b in zip(grads["sparse"], grads["grouped"]):
+        torch.testing.assert_close(a, b)
+    base = torch.randn(2, tokens, 50, dtype=torch.float64)
+    want, got = base.clone(), base.clone()
+    with torch.no_grad():
+        moe(x, task, 0.7, out=want[..., 10:30], dispatch="sparse")
+        moe(x, task, 0.7, out=got[..., 10:30], dispatch="grouped")
+    torch.testing.assert_close(got, want)
+
+
+def test_grouped_dispatch_with_every_token_on_one_expert():
+    cfg = MoEConfig(num_experts=4, rank=3, alpha=3.0, router="token", top_k=1)
+    moe = _random_moe(cfg)
+    with torch.no_grad():
+        moe.router_weight.zero_()
+        moe.router_weight[2] = 1.0  # expert 2 wins for inputs with a positive sum
+    x = torch.rand(1, 100, 24, dtype=torch.float64)
+    torch.testing.assert_close(moe(x, dispatch="grouped"), moe(x, dispatch="sparse"))
+    torch.testing.assert_close(moe(x, dispatch="grouped"), x @ moe.lora_A[2].T @ moe.lora_B[2].T)
+
+
+def test_grouped_dispatch_reads_nothing_on_the_host():
+    """On the meta device every read of a value on the host (.tolist(), .item(), bincount's size) fails,
+    so running there shows the default off-CPU path never waits on the device; the sparse path does."""
+    cfg = MoEConfig(num_experts=12, rank=4, alpha=4.0, router="task", top_k=2, shared_expert=True, task_dim=8)
+    moe = MoELoRA(16, 16, cfg, device="meta")
+    x = torch.empty(2, 64, 16, device="meta")
+    y = moe(x, torch.empty(2, 8, device="meta"))
+    assert y.shape == (2, 64, 16) and y.device.type == "meta"
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        moe(x, torch.empty(2, 8, device="meta"), dispatch="sparse")
+
+
+def test_dispatch_under_cpu_autocast_bf16():
+    """Mixed precision as in training: float32 weights, bf16 autocast; both paths agree and give bf16."""
+    for cfg, task in (
+        (MoEConfig(num_experts=4, rank=3, alpha=3.0, router="token", top_k=1), None),
+        (
+            MoEConfig(
+                num_experts=6, rank=2, alpha=2.0, router="task", top_k=2, shared_expert=True, task_dim=5
+            ),
+            torch.randn(2, 5),
+        ),
+    ):
+        moe = MoELoRA(24, 20, cfg)
+        with torch.no_grad():
+            moe.lora_B.normal_()
+        x = torch.randn(2, 9, 24)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ys = {d: moe(x, task, dispatch=d) for d in ("sparse", "grouped")}
+            ys["sparse"].float().sum().backward()
+        assert ys["sparse"].dtype == torch.bfloat16 and moe.lora_A.grad is not None
+        torch.testing.assert_close(ys["grouped"].float(), ys["sparse"].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_unknown_dispatch_is_an_error():
+    moe = _random_moe(MoEConfig(num_experts=2, rank=2, alpha=2.0))
+    with pytest.raises(ConfigError, match="dispatch"):
+        moe(torch.randn(3, 24, dtype=torch.float64), dispatch="fast")

@@ -106,6 +106,13 @@ class TrainConfig:
         -1.0, "Weight of the contrastive loss (x2edit 0.2, icedit 0); <0 = preset."
     )
     contrastive_tau: float = _opt(0.5, "Temperature of the contrastive loss.")
+    contrastive_variant: str = _opt(
+        "x2edit",
+        "x2edit: X2Edit's loss exactly (1e-8 epsilons, a sample without a same-task partner is pushed away "
+        "from all others, gradient through the anchor side only); symmetric: no-partner samples count 0 "
+        "and gradient flows through both sides (about twice the gradient).",
+        choices=("x2edit", "symmetric"),
+    )
     text_dropout: float = _opt(
         -1.0, "Probability of training with an empty prompt (icedit 0.1); <0 = preset."
     )

@@ -13,8 +13,8 @@ import torch
 from x2edit_core.errors import ConfigError
 from x2edit_core.formats import MoEAdapter, save_moe_lora
 from x2edit_core.losses import (
-    contrastive_loss_over_blocks,
     flow_matching_pair,
+    gathered_contrastive_loss,
     logit_normal_timesteps,
     masked_mse,
 )
@@ -331,18 +331,11 @@ class Trainer:
         }
 
     def contrastive(self, feats: list[torch.Tensor], tasks: torch.Tensor) -> torch.Tensor:
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return contrastive_loss_over_blocks(feats, tasks, None, self.cfg.contrastive_tau)
-        b, r = tasks.shape[0], acc.process_index
-        global_feats = []
-        for f in feats:
-            g = acc.gather(f.detach().contiguous())
-            # the local rows keep their gradient; the other processes' copies do not carry one
-            global_feats.append(torch.cat([g[: r * b], f, g[(r + 1) * b :]], dim=0))
-        global_tasks = acc.gather(tasks.contiguous())
-        anchors = torch.arange(r * b, (r + 1) * b, device=tasks.device)
-        return contrastive_loss_over_blocks(global_feats, global_tasks, anchors, self.cfg.contrastive_tau)
+        acc, cfg = self.accelerator, self.cfg
+        gather = acc.gather if acc.num_processes > 1 else None
+        return gathered_contrastive_loss(
+            feats, tasks, gather, acc.process_index, cfg.contrastive_tau, cfg.contrastive_variant
+        )
 
     def train_step(self, record_usage: bool = False) -> dict:
         """One optimizer step (with gradient accumulation); returns the scalars to log."""

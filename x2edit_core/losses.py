@@ -1,31 +1,48 @@
 """Training losses: ICEdit's flow matching and X2Edit's task contrastive ("dispersive") loss.
 
-Pure torch, no distributed calls: the trainer gathers features across processes and passes the
-global batch here, so these functions are the one implementation and can be checked against a
-plain loop.
+Pure torch, no distributed calls: the trainer hands in a ``gather`` callable for multi-process runs,
+so these functions are the one implementation and can be checked against a plain loop.
 
 Flow matching (ICEdit, rectified flow as in FLUX): with clean latent x0, noise n and t in (0, 1),
 ``x_t = (1 - t) * x0 + t * n`` and the model predicts the velocity ``n - x0``. Timesteps are
 logit-normal: ``t = sigmoid(randn)``. The loss is the mean squared error over the edited tokens
 (the right half of the diptych) only.
 
-Contrastive loss (REFERENCE.md section 2): for one double block, each sample's image-stream output
-over the edited tokens is flattened (tokens x channels) and L2-normalised to z_i. With
-``d(i, j) = ||z_i - z_j||^2 / tau``::
+Contrastive loss, as X2Edit trains it (variant ``x2edit``, the default): for one double block, each
+sample's image-stream output over the edited tokens is flattened (tokens x channels) and
+L2-normalised to z_i. The anchors are this process's samples; the other side is the whole global
+batch as a constant (X2Edit all-gathers it into a buffer without gradient, the process's own rows
+included), written sg(z_j). With ``d(i, j) = ||z_i - sg(z_j)||^2 / tau``::
 
-    L_i = -log( sum_{j in P(i)} exp(-d(i, j)) / sum_{j} exp(-d(i, j)) )
+    a_i = sum_{j in P(i)} exp(-d(i, j)),   b_i = sum_j exp(-d(i, j))
+    L_i = -log((a_i + 1e-8) / (b_i + 1e-8))
 
-where P(i) = samples of the same task anywhere in the global batch except i itself, and the
-denominator runs over the whole global batch including i. A sample with no positive in the global
-batch contributes the constant 0 (no gradient) and still counts in the mean, so the loss scale
-does not depend on how many samples happen to have a partner. The loss is the mean over the
-anchors (the local samples), averaged over blocks.
+where P(i) = samples of the same task anywhere in the global batch except i itself, and b_i runs
+over the whole global batch including i. A sample with no positive is not constant: its term is
+``log(b_i + 1e-8) + 18.42`` and its gradient pushes it away from every other sample. The loss is
+the mean over the anchors, then over the blocks. Because gradient reaches a sample only through its
+own anchor term, N processes with batch B give (after DDP's gradient average) exactly the gradient
+of one process with batch N * B. X2Edit evaluates this in bf16 under mixed precision; here it is
+always float32 (the epsilons are the same; in bf16 the 1e-8 next to b_i >= 1 vanishes anyway).
+
+Variant ``symmetric`` (this package's earlier form): ``-log(a_i / b_i)`` without epsilons, 0 for a
+sample without a positive, and gradient through both sides wherever the rows carry it (every row in
+one process; the local rows in a multi-process run). On a batch where every sample has a positive
+its gradient is about twice X2Edit's.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+CONTRASTIVE_X2EDIT = "x2edit"
+CONTRASTIVE_SYMMETRIC = "symmetric"
+CONTRASTIVE_VARIANTS = (CONTRASTIVE_X2EDIT, CONTRASTIVE_SYMMETRIC)
+CONTRASTIVE_EPS = 1e-8  # X2Edit's, added to numerator and denominator
 
 
 def logit_normal_timesteps(
@@ -62,35 +79,50 @@ def masked_mse(
     return (err * weight).sum() / denom.clamp_min(1.0)
 
 
+def _check_variant(variant: str):
+    if variant not in CONTRASTIVE_VARIANTS:
+        raise ValueError(
+            f"unknown contrastive loss variant {variant!r}; expected one of {CONTRASTIVE_VARIANTS}"
+        )
+
+
 def contrastive_loss(
     features: torch.Tensor,
     tasks: torch.Tensor,
     anchors: torch.Tensor | None = None,
     tau: float = 0.5,
+    variant: str = CONTRASTIVE_X2EDIT,
 ) -> torch.Tensor:
-    """Task contrastive loss of one block over a global batch.
+    """Task contrastive loss of one block over a global batch (see the module docstring).
 
     features: [G, ...] one row per sample of the global batch (flattened and L2-normalised here).
     tasks: [G] integer task ids. anchors: indices of the rows that act as anchors (the local
-    samples; default all). Rows that should carry no gradient must be detached by the caller.
+    samples; default all). ``x2edit``: gradient reaches only the anchor rows, through their own
+    terms. ``symmetric``: gradient also flows through the other side, wherever rows carry it.
     """
+    _check_variant(variant)
     z = F.normalize(features.reshape(features.shape[0], -1).float(), dim=-1)
     g = z.shape[0]
     if anchors is None:
         anchors = torch.arange(g, device=z.device)
+    anchors = anchors.to(z.device)
     za = z.index_select(0, anchors)
+    others = z.detach() if variant == CONTRASTIVE_X2EDIT else z
     # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b, with |a| = |b| = 1
-    dist = (2.0 - 2.0 * za @ z.T).clamp_min(0.0) / tau  # [A, G]
-    logits = -dist
+    logits = -(2.0 - 2.0 * za @ others.T).clamp_min(0.0) / tau  # -d(i, j), [A, G]
     tasks = tasks.to(z.device)
     positive = tasks.index_select(0, anchors).unsqueeze(1) == tasks.unsqueeze(0)
     positive[torch.arange(len(anchors), device=z.device), anchors] = False
-    has_positive = positive.any(dim=1)
     log_all = torch.logsumexp(logits, dim=1)
     # A large finite fill (not -inf) keeps rows without positives free of NaN gradients; exp of it
     # underflows to exactly 0 next to any real logit (distances are at most 4 / tau).
     log_pos = torch.logsumexp(logits.masked_fill(~positive, -1e9), dim=1)
-    per_anchor = torch.where(has_positive, log_all - log_pos, torch.zeros_like(log_all))
+    if variant == CONTRASTIVE_X2EDIT:
+        # log(s + eps) = logaddexp(log s, log eps): the epsilons exactly, without underflow at small tau
+        log_eps = torch.full_like(log_all, math.log(CONTRASTIVE_EPS))
+        per_anchor = torch.logaddexp(log_all, log_eps) - torch.logaddexp(log_pos, log_eps)
+    else:
+        per_anchor = torch.where(positive.any(dim=1), log_all - log_pos, torch.zeros_like(log_all))
     return per_anchor.mean()
 
 
@@ -99,8 +131,38 @@ def contrastive_loss_over_blocks(
     tasks: torch.Tensor,
     anchors: torch.Tensor | None = None,
     tau: float = 0.5,
+    variant: str = CONTRASTIVE_X2EDIT,
 ) -> torch.Tensor:
     """Mean of :func:`contrastive_loss` over blocks (one [G, ...] tensor per block)."""
     if not block_features:
         raise ValueError("the contrastive loss needs the features of at least one block")
-    return torch.stack([contrastive_loss(f, tasks, anchors, tau) for f in block_features]).mean()
+    return torch.stack([contrastive_loss(f, tasks, anchors, tau, variant) for f in block_features]).mean()
+
+
+def gathered_contrastive_loss(
+    block_features: list[torch.Tensor],
+    tasks: torch.Tensor,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+    tau: float = 0.5,
+    variant: str = CONTRASTIVE_X2EDIT,
+) -> torch.Tensor:
+    """The loss of this process's samples (anchors) against the global batch.
+
+    block_features: one [B, ...] tensor per block (this process's samples, with gradient); tasks: [B].
+    ``gather(t)`` returns the concatenation of ``t`` over all processes in rank order, without
+    gradient (e.g. accelerate's ``Accelerator.gather``); None for one process. Every process must
+    have the same B.
+    """
+    if gather is None:
+        return contrastive_loss_over_blocks(block_features, tasks, None, tau, variant)
+    b = tasks.shape[0]
+    global_tasks = gather(tasks.contiguous())
+    anchors = torch.arange(rank * b, (rank + 1) * b, device=tasks.device)
+    global_feats = []
+    for f in block_features:
+        g = gather(f.detach().contiguous())
+        # the local rows keep their gradient (used by the anchors, and by the symmetric variant's other
+        # side); the other processes' copies carry none
+        global_feats.append(torch.cat([g[: rank * b], f, g[(rank + 1) * b :]], dim=0))
+    return contrastive_loss_over_blocks(global_feats, global_tasks, anchors, tau, variant)

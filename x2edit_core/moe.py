@@ -14,7 +14,16 @@ with scale = alpha / rank. Three router kinds:
   rank E*r and can be merged into the base weight (see :meth:`MoELoRA.merged_lora`).
 
 Routed experts are evaluated sparsely (each expert only on the tokens sent to it), which keeps the
-cost close to that of a single LoRA of rank k*r.
+cost close to that of a single LoRA of rank k*r. Two dispatch paths give the same result:
+
+- ``sparse`` (default on CPU): one matrix product per expert on its gathered tokens; the per-expert
+  token counts are read on the host to slice the segments.
+- ``grouped`` (default on every other device): no host read at all, so a CUDA step never waits on
+  the GPU inside the routed layers. The (token, slot) pairs are sorted by expert and laid out in
+  blocks of a fixed size, each expert's segment padded to whole blocks; the number of blocks has a
+  bound that depends only on the shapes, so every size is known without looking at the routing.
+  Two batched products over the blocks (each block with its expert's weights) do the work; the
+  padding rows have zero input and zero weight.
 """
 
 from __future__ import annotations
@@ -32,6 +41,35 @@ ROUTER_TOKEN = "token"
 ROUTER_TASK = "task"
 ROUTER_FORCED = "forced"
 ROUTER_KINDS = (ROUTER_TOKEN, ROUTER_TASK, ROUTER_FORCED)
+DISPATCH_SPARSE = "sparse"
+DISPATCH_GROUPED = "grouped"
+DISPATCH_KINDS = (DISPATCH_SPARSE, DISPATCH_GROUPED)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products with ``x`` run in: autocast's when it is on for x's device, else x's."""
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+    except (TypeError, RuntimeError):  # torch < 2.4, or a device autocast does not know (meta)
+        pass
+    return x.dtype
+
+
+def _operand(t: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a no-op (no copy) when the weights already live on x's device in the compute dtype, as the
+    # nodes keep them; under autocast it is the same cast autocast would make
+    return t.to(x.device, dtype)
+
+
+def grouped_block_size(slots: int, num_experts: int) -> int:
+    """Rows per block of the grouped dispatch: about a quarter of an even expert share, a multiple of 16.
+
+    Padding costs at most E * (block - 1) rows (about a quarter of the slots); the expert weights
+    are gathered once per block (at most slots / block + E blocks).
+    """
+    share = -(-slots // (4 * num_experts))
+    return max(16, -(-share // 16) * 16)
 
 
 @dataclass(frozen=True)
@@ -228,60 +266,115 @@ class MoELoRA(nn.Module):
         strength: float = 1.0,
         forced_weights: torch.Tensor | None = None,
         out: torch.Tensor | None = None,
+        dispatch: str | None = None,
     ):
         """Delta for ``x`` [..., in]. ``forced_weights`` [E] overrides the routing for this call only.
 
         With ``out`` (shaped like the delta, e.g. a row slice of the base layer's output) the delta is
         added into it in place and ``out`` is returned: no extra full-size buffer or pass (inference).
+        ``dispatch``: ``sparse`` or ``grouped`` (see the module docstring); None = sparse on CPU,
+        grouped elsewhere.
         """
         lead, n_in = x.shape[:-1], x.shape[-1]
         if n_in != self.in_features:
             raise ConfigError(f"input width {n_in} does not fit this adapter's {self.in_features}")
+        if dispatch is None:
+            dispatch = DISPATCH_SPARSE if x.device.type == "cpu" else DISPATCH_GROUPED
+        elif dispatch not in DISPATCH_KINDS:
+            raise ConfigError(f"unknown dispatch {dispatch!r}; expected one of {DISPATCH_KINDS}")
         x2 = x.reshape(-1, n_in)
+        dtype = _compute_dtype(x2)
         # The scale multiplies the small [N, r] intermediates, never a full [N, out] tensor.
         scale = self.config.scale * strength
         acc = None if out is None else out.view(-1, self.out_features)
         if self.shared_A is not None:  # the always-on expert
-            acc = self._add_low_rank(x2, self.shared_A, self.shared_B, scale, acc)
+            acc = self._add_low_rank(x2, self.shared_A, self.shared_B, scale, acc, dtype)
         if forced_weights is None:
             forced_weights = self.forced_weights
         if forced_weights is not None:
             down, up = self._merged_factors(include_shared=False, weights=forced_weights)
-            acc = self._add_low_rank(x2, down, up, scale, acc)
+            acc = self._add_low_rank(x2, down, up, scale, acc, dtype)
         else:
             weights, index = self.route(x, task_embedding)
             n = x2.shape[0]
-            acc = self._dispatch(x2, weights.reshape(n, -1) * scale, index.reshape(n, -1), acc)
+            weights, index = weights.reshape(n, -1) * scale, index.reshape(n, -1)
+            if dispatch == DISPATCH_SPARSE:
+                acc = self._dispatch_sparse(x2, weights, index, acc, dtype)
+            else:
+                acc = self._dispatch_grouped(x2, weights, index, acc, dtype)
         return out if out is not None else acc.view(*lead, self.out_features)
 
     @staticmethod
-    def _add_low_rank(x2, down, up, scale, acc):
-        h = F.linear(x2, down.to(x2.device, x2.dtype)) * scale
-        up = up.to(x2.device, x2.dtype)
+    def _add_low_rank(x2, down, up, scale, acc, dtype):
+        h = F.linear(x2, _operand(down, x2, dtype)) * scale
+        up = _operand(up, x2, dtype)
         if acc is None:
             return F.linear(h, up)
-        return acc.addmm_(h, up.t())
+        return acc.addmm_(h.to(acc.dtype), up.t().to(acc.dtype))
 
-    def _dispatch(self, x2, weights, index, out=None) -> torch.Tensor:
+    def _accumulator(self, x2, acc, dtype):
+        return x2.new_zeros(x2.shape[0], self.out_features, dtype=dtype) if acc is None else acc
+
+    def _dispatch_sparse(self, x2, weights, index, out, dtype) -> torch.Tensor:
         """Sum of the chosen experts, each run only on its own tokens (added into ``out`` if given)."""
         n, k = index.shape
         flat_expert = index.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token = order // k
         w = weights.reshape(-1)[order].unsqueeze(-1)
-        counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()
-        if out is None:
-            out = x2.new_zeros(n, self.out_features)
-        A, B = self.lora_A.to(x2.device, x2.dtype), self.lora_B.to(x2.device, x2.dtype)
+        counts = torch.bincount(flat_expert, minlength=self.config.num_experts).tolist()  # host read
+        out = self._accumulator(x2, out, dtype)
+        # unbind once: indexing A[e] per expert would make its backward write a full-size zero gradient
+        # for every expert
+        A, B = _operand(self.lora_A, x2, dtype).unbind(0), _operand(self.lora_B, x2, dtype).unbind(0)
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
             tok = token[start : start + c]
             h = F.linear(x2.index_select(0, tok), A[e]) * w[start : start + c]
-            out.index_add_(0, tok, F.linear(h, B[e]))
+            out.index_add_(0, tok, F.linear(h, B[e]).to(out.dtype))
             start += c
         return out
+
+    def _dispatch_grouped(self, x2, weights, index, out, dtype) -> torch.Tensor:
+        """The same sum with no device-to-host read: fixed-size blocks, one expert per block."""
+        n, k = index.shape
+        e_count = self.config.num_experts
+        slots = n * k
+        dev = x2.device
+        size = grouped_block_size(slots, e_count)
+        blocks = slots // size + e_count  # sum_e ceil(c_e / size) never exceeds this
+        rows = blocks * size
+        flat_expert = index.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        expert = flat_expert.index_select(0, order)
+        # counts by scatter_add: bincount would read its maximum on the host
+        counts = torch.zeros(e_count, dtype=torch.long, device=dev).scatter_add_(
+            0, flat_expert, torch.ones_like(flat_expert)
+        )
+        padded = (counts + size - 1) // size * size
+        padded_end = torch.cumsum(padded, 0)
+        # row of each sorted slot in the padded layout: its expert's padded start + its rank inside it
+        rank_in_expert = torch.arange(slots, device=dev) - (torch.cumsum(counts, 0) - counts).index_select(
+            0, expert
+        )
+        row = (padded_end - padded).index_select(0, expert) + rank_in_expert
+        token = order // k
+        block_expert = torch.searchsorted(
+            padded_end, torch.arange(blocks, device=dev) * size, right=True
+        ).clamp_max_(e_count - 1)  # blocks past the last segment: zero rows, any expert
+        # padding rows read token 0 with weight 0: they add exact zeros (and no gradient) to it
+        ts = token.new_zeros(rows).index_copy(0, row, token)
+        ws = weights.new_zeros(rows).index_copy(0, row, weights.reshape(-1).index_select(0, order))
+        xs = x2.to(dtype).index_select(0, ts).view(blocks, size, -1)
+        A = _operand(self.lora_A, x2, dtype).index_select(0, block_expert)  # [blocks, r, in]
+        B = _operand(self.lora_B, x2, dtype).index_select(0, block_expert)  # [blocks, out, r]
+        h = torch.bmm(xs, A.transpose(1, 2))
+        h = h * ws.view(blocks, size, 1).to(h.dtype)
+        y = torch.bmm(h, B.transpose(1, 2)).view(rows, self.out_features)
+        out = self._accumulator(x2, out, y.dtype)
+        return out.index_add_(0, ts, y.to(out.dtype))
 
     def converted(self, dtype=None, device=None, forced_weights=None) -> MoELoRA:
         """A new module with the same config and weights cast to ``dtype``/``device``; ``self`` is untouched

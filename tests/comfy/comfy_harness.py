@@ -201,7 +201,8 @@ class ComfyServer:
         return [
             str(self.install.python),
             "main.py",
-            "--cpu",
+            # X2EDIT_COMFYUI_GPU=1 (scripts/gpu_check.sh) lets ComfyUI use its GPU
+            *([] if os.environ.get("X2EDIT_COMFYUI_GPU") == "1" else ["--cpu"]),
             "--listen",
             "127.0.0.1",
             "--port",

@@ -63,14 +63,14 @@ def test_train_step_benchmark_runs():
             "1",
         ]
     )
-    assert [r[0] for r in rows] == ["icedit", "x2edit"] and all(r[-1] > 0 for r in rows)
+    assert [r[0] for r in rows] == ["icedit", "x2edit"] and all(r[6] > 0 and len(r[7]) == 1 for r in rows)
     assert rows[1][1] == 64 * 3  # x2edit active rank: top-2 + shared
 
 
 def test_synthetic_suite_runs():
     from benchmarks.synthetic_tasks import main
 
-    rows = main(
+    result = main(
         [
             "--steps",
             "2",
@@ -78,15 +78,29 @@ def test_synthetic_suite_runs():
             "2",
             "--held-per-task",
             "1",
+            "--probe-per-task",
+            "2",
             "--batch",
             "4",
             "--sample-steps",
             "2",
+            "--seeds",
+            "0",
+            "1",
             "--only",
             "x2edit",
             "plain LoRA",
         ]
     )
-    assert [r["model"] for r in rows] == ["x2edit", "plain LoRA"]
+    rows = result["rows"]
+    assert [(r["model"], r["seed"]) for r in rows] == [
+        ("x2edit", 0),
+        ("plain LoRA", 0),
+        ("x2edit", 1),
+        ("plain LoRA", 1),
+    ]
     assert abs(rows[0]["params"] - rows[1]["params"]) / rows[0]["params"] < 0.1
     assert set(rows[0]["purity"]) == {5, 11, 12, 7} and rows[1]["purity"] == {}
+    assert rows[0]["err_before"] != rows[2]["err_before"]  # each seed has its own data and base model
+    summary = result["summary"]
+    assert len(summary["edit_error"]["paired"]) == 2 and len(summary["contrastive"]["drops"]) == 2
